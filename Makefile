@@ -1,0 +1,37 @@
+# One virtual environment per checkout; every target sets it up itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCHREC := torchrec==1.8.0
+RUN ?= runs/demo
+
+.PHONY: setup demo test bench bench-data bench-kernel bench-train clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e '.[cpu,dev]'
+	# torchrec pins the CUDA fbgemm-gpu; its real needs are in pyproject's dependencies.
+	$(BIN)/pip install -q --no-deps $(TORCHREC)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tailrec demo --out $(RUN)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
+
+bench-data: $(STAMP)
+	$(BIN)/tailrec bench data
+
+bench-kernel: $(STAMP)
+	$(BIN)/tailrec bench kernel
+
+bench-train: $(STAMP)
+	$(BIN)/tailrec bench train
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

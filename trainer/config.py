@@ -1,0 +1,197 @@
+"""The product's typed configuration. Every field is documented here; YAML files in configs/ set them.
+
+Override any field on the command line: ``--embedding.optimizer.lr=0.05``,
+``--embedding.tables.movie_id.sharding_type=row_wise``, ``--model.mlp=[64,32]``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trainer.config_base import ConfigError
+
+EMB_OPTIMIZERS = (
+    "exact_sgd",              # FBGEMM fused SGD
+    "exact_adagrad",          # FBGEMM fused (per-coordinate) Adagrad
+    "exact_rowwise_adagrad",  # FBGEMM fused rowwise Adagrad
+    "counter_sgd",            # FBGEMM rowwise Adagrad + counter, LearningRateMode.COUNTER_SGD
+    "dense_adam",             # plain nn.Parameter + torch Adam (papers' baseline; small tables only)
+    "cfsgd",                  # ours: CF-SGD step size in our fused kernel
+    "rowwise_adagrad",        # ours: rowwise-Adagrad step size in our fused kernel (for lexico ablation)
+)
+OUR_OPTIMIZERS = ("cfsgd", "rowwise_adagrad")
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+MODELS = ("deepfm", "autoint", "dlrm", "dlrm_dcn", "fm")
+TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
+TRANSFER_LOSSES = ("mmd", "cosreg", "frage")
+
+
+def _choice(where: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}.{name}: {value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/demo/dataset"    # converted dataset directory (holds manifest.json)
+    batch_size: int = 1024             # per rank, training
+    eval_batch_size: int = 4096        # per rank, evaluation
+    shuffle_buffer: int = 16384        # rows shuffled together inside a rank's stream
+    prefetch: int = 4                  # batches prepared ahead by the background thread
+    features: list[str] = field(default_factory=list)  # sparse features to use; [] = all in manifest
+    bucket_feature: str = ""           # feature whose id frequency defines head/torso/tail eval buckets
+
+    def validate(self, where: str) -> None:
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ConfigError(f"{where}: batch sizes must be positive")
+
+
+@dataclass
+class EmbOptimConfig:
+    name: str = "exact_sgd"            # one of EMB_OPTIMIZERS
+    lr: float = 0.01
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # counter-based (FBGEMM COUNTER_SGD and our cfsgd)
+    counter_halflife: float = -1.0     # <0: plain count; 0: always 1; >0: exponential decay half-life (steps)
+    adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c)
+    adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
+    lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
+    # item-wise lexico (ours only; needs transfer.enabled)
+    lexico: bool = False
+    lexico_alpha: float = 2.0          # phi_i = alpha * min(||g_i||^2, loss_main)
+    lexico_lambda_max: float = 10.0    # cap on lambda_i when gradients conflict
+    lexico_h_clip: float = 0.0         # >0: clip ||h_i|| to this multiple of ||g_i|| (ALGORITHMS.md s8)
+
+    def validate(self, where: str) -> None:
+        _choice(where, "name", self.name, EMB_OPTIMIZERS)
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be positive")
+        if self.lexico and self.name not in OUR_OPTIMIZERS:
+            raise ConfigError(f"{where}.lexico: needs one of our kernels {list(OUR_OPTIMIZERS)}, not {self.name}")
+
+
+@dataclass
+class TableConfig:
+    """Per-table overrides; unset fields fall back to EmbeddingConfig."""
+    dim: int | None = None
+    sharding_type: str | None = None
+    optimizer: EmbOptimConfig | None = None
+
+    def validate(self, where: str) -> None:
+        if self.sharding_type is not None:
+            _choice(where, "sharding_type", self.sharding_type, SHARDING_TYPES)
+
+
+@dataclass
+class EmbeddingConfig:
+    dim: int = 16
+    sharding_type: str = "table_wise"
+    compute_kernel: str = "fused"      # planner kernel for fused tables (our kernel hooks in under it)
+    init_scale: float = 0.0            # >0: uniform(-s, s) init; 0: TorchRec default (sqrt(1/num_embeddings))
+    optimizer: EmbOptimConfig = field(default_factory=EmbOptimConfig)
+    tables: dict[str, TableConfig] = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        _choice(where, "sharding_type", self.sharding_type, SHARDING_TYPES)
+
+    def for_table(self, name: str) -> tuple[int, str, EmbOptimConfig]:
+        t = self.tables.get(name, TableConfig())
+        return (t.dim or self.dim, t.sharding_type or self.sharding_type, t.optimizer or self.optimizer)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deepfm"               # one of MODELS
+    mlp: list[int] = field(default_factory=lambda: [100, 100])  # DeepFM/AutoInt DNN, DLRM over-arch
+    dense_arch: list[int] = field(default_factory=lambda: [64])  # DLRM bottom MLP (last = emb dim)
+    dropout: float = 0.2
+    batch_norm: bool = True
+    attn_layers: int = 3               # AutoInt
+    attn_heads: int = 2
+    attn_dim: int = 64
+    attn_dropout: float = 0.0
+    dcn_layers: int = 3                # DLRM-DCN
+    dcn_low_rank: int = 16
+
+    def validate(self, where: str) -> None:
+        _choice(where, "name", self.name, MODELS)
+
+
+@dataclass
+class DenseOptimConfig:
+    name: str = "adam"                 # adam | sgd | adagrad
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip_grad_norm: float = 100.0      # 0 disables
+
+    def validate(self, where: str) -> None:
+        _choice(where, "name", self.name, ("adam", "sgd", "adagrad"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 2
+    max_steps: int = 0                 # >0: stop after this many global steps
+    seed: int = 42
+    device: str = "auto"               # auto | cpu | cuda (auto: cuda if available)
+    log_every: int = 50
+    eval_every_epochs: int = 1
+    early_stop_patience: int = 0       # evals without valid-AUC improvement before stopping; 0 = off
+    pipeline: bool = True              # TrainPipelineSparseDist (overlap input dist and compute)
+    threads: int = 0                   # torch intra-op threads per rank; 0 = leave default
+
+    def validate(self, where: str) -> None:
+        _choice(where, "device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""                      # "" -> <run_dir>/checkpoints
+    every_steps: int = 0               # 0: only at epoch ends
+    keep: int = 2
+    resume: bool = True                # load the latest complete checkpoint when present
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    base_port: int = 9400              # rank r serves on base_port + LOCAL_RANK
+    pushgateway: str = ""              # host:port; push end-of-run metrics when set
+
+
+@dataclass
+class TransferConfig:
+    enabled: bool = False
+    mode: str = "baseline"             # one of TRANSFER_MODES
+    loss: str = "mmd"                  # one of TRANSFER_LOSSES
+    features: list[str] = field(default_factory=list)  # features whose table gets the transfer loss
+    weight: float = 1e-2               # fixed coefficient for plus_t / select
+    source_frac: float = 0.2           # top 20% ids by count = source domain
+    eta_quantile: float = 0.2          # selective target domain threshold quantile
+    frage_lr: float = 0.02
+    mmd_sigma_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+
+    def validate(self, where: str) -> None:
+        _choice(where, "mode", self.mode, TRANSFER_MODES)
+        _choice(where, "loss", self.loss, TRANSFER_LOSSES)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    dense_optim: DenseOptimConfig = field(default_factory=DenseOptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    from trainer import config_base
+
+    return config_base.load(Config, path, overrides)
