@@ -1,0 +1,85 @@
+"""The ``tailrec`` console script. Exit codes: 0 success, 2 bad input or config, 1 internal error."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data.errors import DataError
+from trainer.config_base import ConfigError
+
+
+def _train(args, overrides: list[str]) -> int:
+    from trainer.config import load_config
+    from trainer.train import run
+
+    run(load_config(args.config, overrides))
+    return 0
+
+
+def _evaluate(args, overrides: list[str]) -> int:
+    from trainer.evaluate_cmd import run_evaluate
+
+    return run_evaluate(args.checkpoint, args.split, args.config, overrides)
+
+
+def _demo(args, overrides: list[str]) -> int:
+    from trainer.demo import run_demo
+
+    return run_demo(args.out, args.rows, args.nproc, overrides)
+
+
+def _bench(args, overrides: list[str]) -> int:
+    import importlib
+
+    module = {"data": "data.bench", "kernel": "trainer.optim.bench", "train": "trainer.bench"}[args.what]
+    return importlib.import_module(module).main(overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tailrec", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    from data.cli import register as register_data
+
+    register_data(sub)
+    t = sub.add_parser("train", help="train one run (1 rank, or N under torchrun); extra --a.b=c override the config")
+    t.add_argument("--config", required=True)
+    t.set_defaults(func=_train, takes_overrides=True)
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    e.add_argument("--config", default=None, help="default: the config saved with the run")
+    e.set_defaults(func=_evaluate, takes_overrides=True)
+    d = sub.add_parser("demo", help="generate the default long-tail dataset, convert it, print stats, train")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--rows", type=int, default=200_000)
+    d.add_argument("--nproc", type=int, default=2, help="ranks (torchrun, gloo on CPU)")
+    d.set_defaults(func=_demo, takes_overrides=True)
+    b = sub.add_parser("bench", help="benchmarks, printed side by side with their baselines")
+    b.add_argument("what", choices=["data", "kernel", "train"])
+    b.set_defaults(func=_bench, takes_overrides=True)
+    try:
+        from trainer.ablate import register as register_ablate
+
+        register_ablate(sub)
+    except ImportError:  # the ablation runner is optional at import time
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if getattr(args, "takes_overrides", False):
+            return args.func(args, rest)
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"tailrec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

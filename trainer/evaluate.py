@@ -1,0 +1,85 @@
+"""Evaluation: global AUC / log loss / NE, overall and per id-frequency bucket (head/torso/tail).
+
+Predictions are all-gathered to every rank (exact global metrics, not a mean of per-rank or per-batch
+AUCs, which is what the PEP reference code reports); the maths is scikit-learn's.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.metrics import log_loss, roc_auc_score
+
+BUCKETS = ("head", "torso", "tail")
+
+
+def binary_metrics(p: np.ndarray, y: np.ndarray) -> dict:
+    """AUC, log loss and normalised entropy (log loss / entropy of the base rate)."""
+    out = {"examples": int(len(y)), "positives": int(y.sum())}
+    if len(y) == 0:
+        return out | {"auc": math.nan, "logloss": math.nan, "ne": math.nan}
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    ll = float(log_loss(y, p, labels=[0, 1]))
+    base = float(np.clip(y.mean(), 1e-7, 1 - 1e-7))
+    h = -(base * math.log(base) + (1 - base) * math.log(1 - base))
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
+    return out | {"auc": auc, "logloss": ll, "ne": ll / h}
+
+
+def bucketed_metrics(p: np.ndarray, y: np.ndarray, bucket: np.ndarray | None) -> dict:
+    res = {"all": binary_metrics(p, y)}
+    if bucket is not None:
+        for b, name in enumerate(BUCKETS):
+            m = bucket == b
+            res[name] = binary_metrics(p[m], y[m])
+    return res
+
+
+def gather_1d(t: torch.Tensor) -> torch.Tensor:
+    """All-gather a variable-length 1-D tensor (pads to the longest rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    n = torch.tensor([t.numel()], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    mx = int(max(s.item() for s in sizes))
+    padded = torch.zeros(mx, dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def _feature_ids(kjt, feature: str) -> torch.Tensor:
+    jt = kjt[feature]
+    if not bool((jt.lengths() == 1).all()):
+        raise ValueError(f"bucket feature {feature!r} must be single-valued (one id per example)")
+    return jt.values()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, bucket_of_id: np.ndarray | None = None,
+             bucket_feature: str = "", progress=None) -> dict:
+    """Run the TrainModule-style ``model(batch) -> (loss, (loss, logits, labels))`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    preds, labels, ids = [], [], []
+    for batch in progress(loader) if progress else loader:
+        batch = batch.to(device)
+        _, (_, logits, y) = model(batch)
+        mask = getattr(batch, "valid", None)  # loader padding for equal batch counts (None: all rows)
+        keep = slice(None) if mask is None else mask.bool()
+        preds.append(torch.sigmoid(logits.float())[keep])
+        labels.append(y.float()[keep])
+        if bucket_of_id is not None:
+            ids.append(_feature_ids(batch.sparse_features, bucket_feature)[keep])
+    model.train(was_training)
+    p = gather_1d(torch.cat(preds) if preds else torch.zeros(0, device=device)).cpu().numpy()
+    y = gather_1d(torch.cat(labels) if labels else torch.zeros(0, device=device)).cpu().numpy()
+    bucket = None
+    if bucket_of_id is not None:
+        i = gather_1d(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)).cpu().numpy()
+        bucket = bucket_of_id[i]
+    return bucketed_metrics(p, y, bucket)

@@ -1,0 +1,219 @@
+"""The training service: build (model, sharding, optimizers, loaders), train, evaluate, checkpoint.
+
+Model selection happens on ``valid``; the reported numbers are ``test`` at the best-valid evaluation.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec import EmbeddingBagConfig
+
+from data.loader import ParquetLoader
+from data.manifest import Manifest, load_manifest
+from models import build_model, extra_dims
+from trainer import config_base
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config
+from trainer.dist import DistEnv
+from trainer.evaluate import evaluate
+from trainer.optimizers import build_dense_optimizer
+from trainer.pipeline import TimedIterator, make_driver
+from trainer.sharding import set_optimizer_step, shard_model
+from trainer.train_module import TrainModule
+
+log = logging.getLogger("tailrec.train")
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0               # current epoch (0-based)
+    step: int = 0                # global optimizer steps done
+    step_in_epoch: int = 0       # batches of `epoch` already trained (per rank)
+    best_valid_auc: float = -math.inf
+    best: dict = field(default_factory=dict)      # {"epoch", "step", "valid", "test"} at best valid AUC
+    bad_evals: int = 0
+    history: list = field(default_factory=list)   # one entry per evaluation
+    done: bool = False
+
+
+def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[EmbeddingBagConfig]:
+    extra = extra_dims(cfg.model.name)
+    tables = []
+    for f in features:
+        dim, _, _ = cfg.embedding.for_table(f)
+        kw = {}
+        if cfg.embedding.init_scale > 0:
+            s = cfg.embedding.init_scale
+            kw["init_fn"] = functools.partial(torch.nn.init.uniform_, a=-s, b=s)
+        tables.append(EmbeddingBagConfig(name=f, embedding_dim=dim + extra, feature_names=[f],
+                                         num_embeddings=manifest.feature(f).num_embeddings, **kw))
+    return tables
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, metrics=None):
+        self.cfg, self.env, self.metrics = cfg, env, metrics
+        self.run_dir = Path(cfg.run_dir)
+        self.manifest = load_manifest(cfg.data.path)
+        self.features = cfg.data.features or [f.name for f in self.manifest.sparse_features]
+        self.tables = build_tables(cfg, self.manifest, self.features)
+        model = build_model(cfg.model, self.tables, num_dense=len(self.manifest.dense_features),
+                            feature_names=self.features, device="meta")
+        sharded = shard_model(TrainModule(model), cfg.embedding, self.tables, dist.group.WORLD, env.device)
+        self.dmp, self.plan_text = sharded.dmp, sharded.plan_text
+        self.optimizer = build_dense_optimizer(self.dmp, cfg.dense_optim, sharded.dense_emb_params)
+        self.loaders = {s: self._loader(s) for s in ("train", "valid", "test")}
+        self.bucket_of_id = self._buckets()
+        ck_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
+        self.checkpointer = Checkpointer(ck_dir, env.rank, cfg.checkpoint.keep)
+        self.state = TrainState()
+
+    def _loader(self, split: str) -> ParquetLoader:
+        d, train = self.cfg.data, split == "train"
+        return ParquetLoader(d.path, split, d.batch_size if train else d.eval_batch_size,
+                             rank=self.env.rank, world_size=self.env.world_size, seed=self.cfg.train.seed,
+                             shuffle=train, drop_last=train, features=self.features,
+                             shuffle_buffer=d.shuffle_buffer, prefetch=d.prefetch)
+
+    def _buckets(self) -> np.ndarray | None:
+        if not self.cfg.data.bucket_feature:
+            return None
+        from data.stats import bucket_of
+
+        return bucket_of(self.cfg.data.path, self.cfg.data.bucket_feature)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _app_state(self) -> dict:
+        return {"model": self.dmp.state_dict(), "dense_optim": self.optimizer.state_dict(),
+                "fused_optim": self.dmp.fused_optimizer.state_dict()}
+
+    def save_checkpoint(self) -> None:
+        dur = self.checkpointer.save(self.state.step, self._app_state(), asdict(self.state) | {
+            "world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)})
+        if self.metrics:
+            self.metrics.on_checkpoint(dur, time.time())
+        log.info("checkpoint step %d saved in %.2fs", self.state.step, dur)
+
+    def maybe_resume(self) -> bool:
+        path = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
+        if path is None:
+            return False
+        self.optimizer.init_state()  # materialise Adam state so DCP can load into it
+        st = self._app_state()
+        meta = self.checkpointer.load(path, st)
+        self.dmp.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["dense_optim"])
+        self.dmp.fused_optimizer.load_state_dict(st["fused_optim"])
+        saved_world = meta.pop("world_size")
+        meta.pop("config", None)
+        self.state = TrainState(**meta)
+        if saved_world != self.env.world_size:  # same examples consumed, other per-rank batch count
+            self.state.step_in_epoch = self.state.step_in_epoch * saved_world // self.env.world_size
+            torch.manual_seed(self.cfg.train.seed * 1000 + self.env.rank + self.state.step)
+        set_optimizer_step(self.dmp, self.state.step)
+        log.info("resumed from %s at epoch %d step %d", path, self.state.epoch, self.state.step)
+        return True
+
+    # ---------------------------------------------------------------- training
+    def train(self) -> dict:
+        cfg = self.cfg.train
+        while not self.state.done and self.state.epoch < cfg.epochs:
+            finished_epoch = self._train_epoch()
+            if not finished_epoch:
+                break
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+            if self.state.epoch % cfg.eval_every_epochs == 0 or self.state.epoch == cfg.epochs:
+                self._evaluate_and_select()
+            self.save_checkpoint()
+        if not self.state.history or self.state.history[-1]["step"] != self.state.step:
+            self._evaluate_and_select()
+        return self.results()
+
+    def _train_epoch(self) -> bool:
+        """Returns True when the epoch ran to its end (False: stopped by max_steps)."""
+        loader = self.loaders["train"]
+        loader.set_epoch(self.state.epoch)
+        if self.state.step_in_epoch:
+            loader.load_state_dict({"epoch": self.state.epoch, "batches_yielded": self.state.step_in_epoch})
+        it = TimedIterator(iter(loader))
+        driver = make_driver(self.cfg.train.pipeline, self.dmp, self.optimizer, self.env.device)
+        set_optimizer_step(self.dmp, self.state.step)
+        self.dmp.train()
+        completed = self._run_steps(driver, it, len(loader))
+        driver.detach()
+        return completed
+
+    def _run_steps(self, driver, it: TimedIterator, total: int) -> bool:
+        cfg, ck = self.cfg.train, self.cfg.checkpoint
+        bar = _progress(self.env.is_main, total, self.state.step_in_epoch, f"epoch {self.state.epoch}")
+        t_last, wait_last = time.perf_counter(), 0.0
+        while True:
+            if cfg.max_steps and self.state.step >= cfg.max_steps:
+                self.state.done = True
+                bar.close()
+                return False
+            try:
+                loss, logits, labels = driver.progress(it)
+            except StopIteration:
+                bar.close()
+                return True
+            self.state.step += 1
+            self.state.step_in_epoch += 1
+            now = time.perf_counter()
+            if self.metrics:
+                self.metrics.on_step(int(labels.numel()), now - t_last, it.wait_s - wait_last, float(loss))
+            t_last, wait_last = now, it.wait_s
+            bar.update(1)
+            if self.state.step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            if ck.every_steps and self.state.step % ck.every_steps == 0:
+                self.save_checkpoint()  # weights reflect exactly `step` batches; in-flight ones are not counted
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate_split(self, split: str) -> dict:
+        return evaluate(self.dmp, self.loaders[split], self.env.device, self.bucket_of_id,
+                        self.cfg.data.bucket_feature)
+
+    def _evaluate_and_select(self) -> None:
+        valid, test = self.evaluate_split("valid"), self.evaluate_split("test")
+        entry = {"epoch": self.state.epoch, "step": self.state.step, "valid": valid, "test": test}
+        self.state.history.append(entry)
+        if self.metrics and self.env.is_main:
+            for split, res in (("valid", valid), ("test", test)):
+                for bucket, m in res.items():
+                    self.metrics.on_eval(split, bucket, m["auc"], m["logloss"], m["ne"])
+        auc = valid["all"]["auc"]
+        if auc > self.state.best_valid_auc:
+            self.state.best_valid_auc, self.state.best, self.state.bad_evals = auc, entry, 0
+        else:
+            self.state.bad_evals += 1
+            if self.cfg.train.early_stop_patience and self.state.bad_evals >= self.cfg.train.early_stop_patience:
+                self.state.done = True
+        log.info("eval step %d: valid auc %.4f test auc %.4f", self.state.step, auc, test["all"]["auc"])
+
+    def results(self) -> dict:
+        return {"best": self.state.best, "history": self.state.history, "steps": self.state.step,
+                "plan": self.plan_text}
+
+
+class _NoBar:
+    def update(self, n): ...
+    def set_postfix(self, **kw): ...
+    def close(self): ...
+
+
+def _progress(show: bool, total: int, initial: int, desc: str):
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, mininterval=2.0)

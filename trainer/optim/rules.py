@@ -1,0 +1,211 @@
+"""Pure per-row update rules of our fused embedding optimizer (no TorchRec here).
+
+The kernel (kernel.py) aggregates, for one global step, the unique rows it owns and calls
+`apply_step` with their summed main-loss gradients g [n, d], optional transfer gradients
+h [n, d] (+ mask of rows that got one), gathered rows and state. Everything is returned as
+new tensors; the caller scatters them back.
+
+Rules (ALGORITHMS.md sections 1-3):
+
+* Counter (FBGEMM ``rowwise_adagrad_with_counter`` rule, once per step per unique row):
+  halflife < 0: c += 1;  == 0: c = 1;  > 0: c = 1 + 2^(-delta/halflife) * c with
+  delta = step - last_step (delta = 1 on first touch, last_step == 0).
+* CF-SGD step size: eta = min(lr_max, lr / (sqrt(ub * c) + eps)). The ``+ eps`` placement is
+  FBGEMM's COUNTER_SGD form, kept so our kernel matches FBGEMM step for step (tested);
+  c >= 1 after the update, so eps is never needed for safety and 1e-8 is negligible.
+* Warm-up (adjustment_iter > 0): while step <= adjustment_iter the row uses rowwise Adagrad
+  (as FBGEMM: "adjust only when iter > adjustment_iter"). Needs the Adagrad sum, so that
+  state is only allocated when warm-up is configured.
+* Rowwise Adagrad: s += mean_d(d^2) over the applied direction d; eta = lr / (sqrt(s) + eps).
+* Item-wise lexico (harmless-transfer Algorithm 1), see `lexico_direction`.
+* Composition: e <- e - eta * d with d = h + lambda * g (or g when lexico is off).
+
+State bytes per row (fp32/int32): cfsgd 4 (counter) [+4 last_step when halflife > 0]
+[+4 Adagrad sum when warm-up]; rowwise_adagrad 4 (sum). FBGEMM COUNTER_SGD keeps 12.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+STEP_RULES = ("cfsgd", "rowwise_adagrad")
+# Only guards the division when ||g||^2 underflows; rows with g == 0 are handled explicitly,
+# so for every other row lambda is exact and the barrier constraint holds.
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """Hyper-parameters of one table's update. Frozen + hashable: it rides in TorchRec
+    fused_params, which TorchRec hashes to group tables."""
+
+    step_rule: str = "cfsgd"
+    lr: float = 0.01
+    eps: float = 1e-8
+    counter_halflife: float = -1.0
+    adjustment_ub: float = 1.0
+    adjustment_iter: int = -1
+    lr_max: float = math.inf
+    lexico: bool = False
+    lexico_alpha: float = 2.0
+    lexico_lambda_max: float = 10.0
+    lexico_h_clip: float = 0.0
+    # Rows without a transfer gradient: True = faithful Algorithm 1 (lambda from h = 0),
+    # False = plain main gradient (lambda = 1). ALGORITHMS.md s3 edge case 2.
+    lexico_apply_to_all: bool = True
+    shadow_suffix: str = "__shadow"
+
+    def __post_init__(self) -> None:
+        if self.step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule {self.step_rule!r} not in {STEP_RULES}")
+        if self.lr <= 0 or self.adjustment_ub <= 0:
+            raise ValueError("lr and adjustment_ub must be positive")
+
+    @property
+    def warmup(self) -> bool:
+        return self.step_rule == "cfsgd" and self.adjustment_iter > 0
+
+    def state_names(self) -> Tuple[str, ...]:
+        """Per-row state tensors, in the order the kernel exposes them. TorchRec's
+        EmbeddingFusedOptimizer names the first one ``momentum1`` whatever it is."""
+        if self.step_rule == "rowwise_adagrad":
+            return ("adagrad_sum",)
+        names = ("counter",)
+        if self.counter_halflife > 0:
+            names += ("last_step",)
+        if self.warmup:
+            names += ("adagrad_sum",)
+        return names
+
+    def state_bytes_per_row(self) -> int:
+        return 4 * len(self.state_names())
+
+
+def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
+    """Build from trainer.config.EmbOptimConfig (duck-typed to keep this module pure)."""
+    if cfg.name not in STEP_RULES:
+        raise ValueError(f"optimizer {cfg.name!r} is not one of our rules {STEP_RULES}")
+    if getattr(cfg, "weight_decay", 0.0):
+        raise ValueError("weight_decay is not supported by our fused kernel (set it to 0)")
+    kw = dict(
+        step_rule=cfg.name, lr=float(cfg.lr), eps=float(cfg.eps),
+        counter_halflife=float(cfg.counter_halflife), adjustment_ub=float(cfg.adjustment_ub),
+        adjustment_iter=int(cfg.adjustment_iter), lr_max=float(cfg.lr_max),
+        lexico=bool(cfg.lexico), lexico_alpha=float(cfg.lexico_alpha),
+        lexico_lambda_max=float(cfg.lexico_lambda_max), lexico_h_clip=float(cfg.lexico_h_clip),
+    )
+    if hasattr(cfg, "lexico_apply_to_all"):
+        kw["lexico_apply_to_all"] = bool(cfg.lexico_apply_to_all)
+    kw.update(overrides)
+    return RuleConfig(**kw)
+
+
+def init_state(cfg: RuleConfig, num_rows: int, device: Optional[torch.device] = None) -> Dict[str, Tensor]:
+    dtypes = {"counter": torch.float32, "last_step": torch.int32, "adagrad_sum": torch.float32}
+    return {n: torch.zeros(num_rows, dtype=dtypes[n], device=device) for n in cfg.state_names()}
+
+
+def update_counter(cfg: RuleConfig, counter: Tensor, last_step: Optional[Tensor], step: int
+                   ) -> Tuple[Tensor, Optional[Tensor]]:
+    """FBGEMM's counter rule for rows touched at `step` (1-based global step)."""
+    hl = cfg.counter_halflife
+    if hl < 0:
+        return counter + 1, last_step
+    if hl == 0:
+        return torch.ones_like(counter), last_step
+    assert last_step is not None, "halflife > 0 needs last_step state"
+    delta = torch.where(last_step > 0, step - last_step, torch.ones_like(last_step))
+    decay = torch.exp2(-delta.to(counter.dtype) / hl)
+    return 1.0 + decay * counter, torch.full_like(last_step, step)
+
+
+def cfsgd_lr(cfg: RuleConfig, counter: Tensor) -> Tensor:
+    eta = cfg.lr / ((cfg.adjustment_ub * counter).sqrt() + cfg.eps)
+    return eta.clamp_max(cfg.lr_max) if math.isfinite(cfg.lr_max) else eta
+
+
+def adagrad_update(cfg: RuleConfig, ssum: Tensor, direction: Tensor) -> Tuple[Tensor, Tensor]:
+    """Returns (new sum, eta) for rowwise Adagrad over the applied direction."""
+    new_sum = ssum + direction.square().mean(dim=1)
+    return new_sum, cfg.lr / (new_sum.sqrt() + cfg.eps)
+
+
+@dataclass
+class LexicoResult:
+    direction: Tensor   # [n, d]  h + lambda * g (masked / clipped as documented)
+    lam: Tensor         # [n]     lambda per row (1 for plain-g rows when apply_to_all=False)
+    phi: Tensor         # [n]     barrier alpha * min(||g||^2, loss)
+
+
+def lexico_direction(cfg: RuleConfig, g: Tensor, h: Tensor, has_h: Tensor, loss: float) -> LexicoResult:
+    """Item-wise dynamic barrier: d = h + lambda g with <d, g> >= phi (unless lambda is capped).
+
+    Edge cases (ALGORITHMS.md s3): ||g|| = 0 -> h masked, d = 0 (harmlessness cannot be
+    certified); rows without transfer gradient -> faithful (h = 0) or plain g per
+    `lexico_apply_to_all`; optional ||h|| <= h_clip * ||g|| before lambda is computed.
+    """
+    gg = g.square().sum(1)
+    g_zero = gg == 0
+    h = torch.where(has_h.unsqueeze(1) & ~g_zero.unsqueeze(1), h, torch.zeros_like(h))
+    if cfg.lexico_h_clip > 0:
+        hn = h.norm(dim=1)
+        cap = cfg.lexico_h_clip * gg.sqrt()
+        h = h * torch.where(hn > cap, cap / hn.clamp_min(_TINY), torch.ones_like(hn)).unsqueeze(1)
+    phi = cfg.lexico_alpha * torch.clamp(gg, max=max(float(loss), 0.0))
+    lam = ((phi - (h * g).sum(1)) / gg.clamp_min(_TINY)).clamp(0.0, cfg.lexico_lambda_max)
+    lam = torch.where(g_zero, torch.zeros_like(lam), lam)
+    if not cfg.lexico_apply_to_all:
+        lam = torch.where(has_h, lam, torch.ones_like(lam))
+    return LexicoResult(direction=h + lam.unsqueeze(1) * g, lam=lam, phi=phi)
+
+
+@dataclass
+class StepResult:
+    rows: Tensor                 # updated rows [n, d]
+    state: Dict[str, Tensor]     # updated per-row state (same keys as given)
+    eta: Tensor                  # per-row step size [n]
+    lam: Optional[Tensor]        # lexico lambda [n] or None
+
+
+def apply_step(cfg: RuleConfig, rows: Tensor, g: Tensor, state: Dict[str, Tensor], step: int,
+               h: Optional[Tensor] = None, has_h: Optional[Tensor] = None,
+               loss: Optional[float] = None) -> StepResult:
+    """One optimizer step for the n unique rows touched at global `step` (>= 1).
+
+    Without lexico the direction is g (+ h when a transfer stream exists: plain "+T" sum).
+    """
+    lam = None
+    if cfg.lexico:
+        if h is None:
+            h, has_h = torch.zeros_like(g), torch.zeros(g.shape[0], dtype=torch.bool, device=g.device)
+        if loss is None:
+            raise ValueError("lexico needs the scalar main loss (trainer.optim.set_main_loss)")
+        res = lexico_direction(cfg, g, h, has_h, loss)
+        d, lam = res.direction, res.lam
+    else:
+        d = g if h is None else g + h
+    new_state = dict(state)
+    eta = _step_size(cfg, new_state, d, step)
+    return StepResult(rows=rows - eta.unsqueeze(1).to(rows.dtype) * d.to(rows.dtype),
+                      state=new_state, eta=eta, lam=lam)
+
+
+def _step_size(cfg: RuleConfig, state: Dict[str, Tensor], d: Tensor, step: int) -> Tensor:
+    """Updates `state` (a fresh dict) in place of its entries and returns eta [n]."""
+    if cfg.step_rule == "rowwise_adagrad":
+        state["adagrad_sum"], eta = adagrad_update(cfg, state["adagrad_sum"], d)
+        return eta
+    state["counter"], last = update_counter(cfg, state["counter"], state.get("last_step"), step)
+    if last is not None:
+        state["last_step"] = last
+    eta = cfsgd_lr(cfg, state["counter"])
+    if cfg.warmup:
+        # FBGEMM keeps the Adagrad sum current in every step, warm-up or not.
+        state["adagrad_sum"], eta_ada = adagrad_update(cfg, state["adagrad_sum"], d)
+        if step <= cfg.adjustment_iter:
+            eta = eta_ada
+    return eta

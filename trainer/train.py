@@ -1,0 +1,66 @@
+"""Entry point of one training run (one rank alone, or every rank under torchrun / TorchX)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from trainer import config_base
+from trainer.config import Config
+from trainer.dist import init_distributed, shutdown
+from trainer.report import markdown, write_results
+
+log = logging.getLogger("tailrec.train")
+
+
+def _make_metrics(cfg: Config, env):
+    if not cfg.metrics.enabled:
+        return None
+    from trainer.metrics import PrometheusMetrics
+
+    m = PrometheusMetrics(cfg.metrics, env.rank, env.local_rank, env.world_size)
+    m.on_restart(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    return m
+
+
+def run(cfg: Config) -> dict:
+    _install_rank_in_logs(int(os.environ.get("RANK", 0)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s")
+    env = init_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed + env.rank)
+    metrics = _make_metrics(cfg, env)
+    t0, ok = time.time(), False
+    try:
+        from trainer.loop import Trainer  # heavy imports after the process group exists
+
+        trainer = Trainer(cfg, env, metrics)
+        if env.is_main:
+            config_base.dump(cfg, f"{cfg.run_dir}/config.yaml")
+            log.info("sharding plan:\n%s", trainer.plan_text)
+        trainer.maybe_resume()
+        results = trainer.train()
+        if env.is_main:
+            write_results(cfg.run_dir, results)
+            print(markdown(results))
+        ok = True
+        return results
+    finally:
+        if metrics:
+            metrics.push_end_of_run(ok, time.time() - t0)
+            metrics.close()
+        shutdown()
+
+
+def _install_rank_in_logs(rank: int) -> None:
+    old = logging.getLogRecordFactory()
+
+    def factory(*a, **kw):
+        rec = old(*a, **kw)
+        rec.rank = rank
+        return rec
+
+    logging.setLogRecordFactory(factory)
