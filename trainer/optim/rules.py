@@ -157,9 +157,9 @@ def lexico_direction(cfg: RuleConfig, g: Tensor, h: Tensor, has_h: Tensor, loss:
         h = h * torch.where(hn > cap, cap / hn.clamp_min(_TINY), torch.ones_like(hn)).unsqueeze(1)
     phi = cfg.lexico_alpha * torch.clamp(gg, max=max(float(loss), 0.0))
     lam = ((phi - (h * g).sum(1)) / gg.clamp_min(_TINY)).clamp(0.0, cfg.lexico_lambda_max)
-    lam = torch.where(g_zero, torch.zeros_like(lam), lam)
     if not cfg.lexico_apply_to_all:
         lam = torch.where(has_h, lam, torch.ones_like(lam))
+    lam = torch.where(g_zero, torch.zeros_like(lam), lam)
     return LexicoResult(direction=h + lam.unsqueeze(1) * g, lam=lam, phi=phi)
 
 

@@ -1,0 +1,195 @@
+"""rules.py against an independent float64 reference written row by row from the formulas
+(ALGORITHMS.md s1-3). Tolerance: rules run in float32, so rtol 1e-5 / atol 1e-6."""
+import math
+
+import pytest
+import torch
+
+from trainer.optim import rules
+from trainer.optim.rules import RuleConfig
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# ---------------------------------------------------------------- reference (float64, loops)
+def ref_counter(c, last, step, hl):
+    if hl < 0:
+        return c + 1, last
+    if hl == 0:
+        return 1.0, last
+    delta = step - last if last > 0 else 1
+    return 1.0 + 2.0 ** (-delta / hl) * c, step
+
+
+def ref_lexico_row(g, h, has_h, loss, alpha, lmax, h_clip, apply_to_all):
+    """Returns (direction list, lambda) for one row."""
+    gg = sum(x * x for x in g)
+    if gg == 0:
+        return [0.0] * len(g), 0.0
+    if not has_h:
+        if not apply_to_all:
+            return list(g), 1.0
+        h = [0.0] * len(g)
+    if h_clip > 0:
+        hn = math.sqrt(sum(x * x for x in h))
+        cap = h_clip * math.sqrt(gg)
+        if hn > cap:
+            h = [x * cap / hn for x in h]
+    phi = alpha * min(gg, max(loss, 0.0))
+    lam = (phi - sum(a * b for a, b in zip(h, g))) / gg
+    lam = min(max(lam, 0.0), lmax)
+    return [a + lam * b for a, b in zip(h, g)], lam
+
+
+def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None):
+    """Per-row loop. st: dict of python lists. Returns new w (list of lists), st, lams."""
+    n = len(w)
+    out, lams = [], []
+    for i in range(n):
+        if cfg.lexico:
+            hi = h[i] if h is not None else [0.0] * len(g[i])
+            hh = bool(has_h[i]) if has_h is not None else False
+            d, lam = ref_lexico_row(g[i], hi, hh, loss, cfg.lexico_alpha, cfg.lexico_lambda_max,
+                                    cfg.lexico_h_clip, cfg.lexico_apply_to_all)
+            lams.append(lam)
+        else:
+            d = [a + (h[i][k] if h is not None else 0.0) for k, a in enumerate(g[i])]
+        if cfg.step_rule == "rowwise_adagrad":
+            st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
+            eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
+        else:
+            last = st["last_step"][i] if "last_step" in st else 0
+            c, last = ref_counter(st["counter"][i], last, step, cfg.counter_halflife)
+            st["counter"][i] = c
+            if "last_step" in st:
+                st["last_step"][i] = last
+            eta = min(cfg.lr_max, cfg.lr / (math.sqrt(cfg.adjustment_ub * c) + cfg.eps))
+            if cfg.adjustment_iter > 0:
+                st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
+                if step <= cfg.adjustment_iter:
+                    eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
+        out.append([a - eta * b for a, b in zip(w[i], d)])
+    return out, st, lams
+
+
+# ---------------------------------------------------------------- helpers
+def to_lists(t):
+    return t.double().tolist()
+
+
+def run_both(cfg, steps, n=12, d=5, seed=0, lexico_data=False, touch_p=0.6):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, d, generator=gen)
+    st = rules.init_state(cfg, n)
+    W_ref = to_lists(W)
+    st_ref = {k: [float(x) if k != "last_step" else int(x) for x in v.tolist()] for k, v in st.items()}
+    all_lams = []
+    for step in range(1, steps + 1):
+        rows = (torch.rand(n, generator=gen) < touch_p).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        g = torch.randn(rows.numel(), d, generator=gen) * 0.3
+        g[0] = 0.0 if lexico_data else g[0]  # a row with zero main gradient
+        h = torch.randn(rows.numel(), d, generator=gen) if lexico_data else None
+        has_h = (torch.rand(rows.numel(), generator=gen) < 0.5) if lexico_data else None
+        loss = 0.7
+        sub = {k: v[rows] for k, v in st.items()}
+        res = rules.apply_step(cfg, W[rows], g, sub, step, h=h, has_h=has_h, loss=loss)
+        W[rows] = res.rows
+        for k, v in res.state.items():
+            st[k][rows] = v
+        # reference on the same rows
+        r = rows.tolist()
+        sub_ref = {k: [v[i] for i in r] for k, v in st_ref.items()}
+        new_w, sub_ref, lams = ref_step(cfg, [W_ref[i] for i in r], to_lists(g), sub_ref, step,
+                                        None if h is None else to_lists(h),
+                                        None if has_h is None else has_h.tolist(), loss)
+        for j, i in enumerate(r):
+            W_ref[i] = new_w[j]
+            for k in st_ref:
+                st_ref[k][i] = sub_ref[k][j]
+        if res.lam is not None:
+            torch.testing.assert_close(res.lam.double(), torch.tensor(lams, dtype=torch.float64),
+                                       rtol=RTOL, atol=ATOL)
+            all_lams.append(res.lam)
+    return W, st, torch.tensor(W_ref, dtype=torch.float64), st_ref
+
+
+def check(cfg, **kw):
+    W, st, W_ref, st_ref = run_both(cfg, **kw)
+    torch.testing.assert_close(W.double(), W_ref, rtol=RTOL, atol=ATOL)
+    for k, v in st.items():
+        torch.testing.assert_close(v.double(), torch.tensor(st_ref[k], dtype=torch.float64),
+                                   rtol=RTOL, atol=ATOL)
+    return st
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("hl", [-1.0, 0.0, 2.0, 5.5])
+def test_cfsgd_counters_with_gaps(hl):
+    cfg = RuleConfig(step_rule="cfsgd", lr=0.1, adjustment_ub=2.0, counter_halflife=hl)
+    st = check(cfg, steps=12, touch_p=0.4)  # p=0.4: rows skip steps -> delta > 1
+    assert set(st) == ({"counter", "last_step"} if hl > 0 else {"counter"})
+
+
+def test_cfsgd_lr_max_and_warmup():
+    cfg = RuleConfig(step_rule="cfsgd", lr=0.5, lr_max=0.2, adjustment_iter=4, counter_halflife=3.0)
+    st = check(cfg, steps=9)
+    assert set(st) == {"counter", "last_step", "adagrad_sum"}
+    assert cfg.state_bytes_per_row() == 12
+
+
+def test_rowwise_adagrad():
+    check(RuleConfig(step_rule="rowwise_adagrad", lr=0.05), steps=6)
+
+
+@pytest.mark.parametrize("apply_to_all", [True, False])
+@pytest.mark.parametrize("h_clip", [0.0, 0.3])
+@pytest.mark.parametrize("rule", ["cfsgd", "rowwise_adagrad"])
+def test_lexico_matches_reference(apply_to_all, h_clip, rule):
+    cfg = RuleConfig(step_rule=rule, lr=0.1, lexico=True, lexico_h_clip=h_clip,
+                     lexico_apply_to_all=apply_to_all, lexico_lambda_max=10.0)
+    check(cfg, steps=5, lexico_data=True)
+
+
+def test_barrier_constraint_holds_per_row():
+    gen = torch.Generator().manual_seed(3)
+    n, d = 500, 8
+    g = torch.randn(n, d, generator=gen) * torch.rand(n, 1, generator=gen)
+    h = torch.randn(n, d, generator=gen) * 3
+    has_h = torch.rand(n, generator=gen) < 0.7
+    cfg = RuleConfig(lexico=True, lexico_lambda_max=math.inf)
+    res = rules.lexico_direction(cfg, g, h, has_h, loss=0.4)
+    lhs = (res.direction * g).sum(1)
+    assert (lhs >= res.phi * (1 - 1e-5) - 1e-6).all()
+    assert (res.lam >= 0).all()
+    # with a cap, rows below the cap still satisfy it exactly
+    capped = rules.lexico_direction(RuleConfig(lexico=True, lexico_lambda_max=1.0), g, h, has_h, 0.4)
+    free = capped.lam < 1.0
+    assert ((capped.direction * g).sum(1)[free] >= capped.phi[free] * (1 - 1e-5) - 1e-6).all()
+
+
+def test_lexico_edge_cases():
+    cfg = RuleConfig(lexico=True, lexico_alpha=2.0)
+    g = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.1, 0.0], [3.0, 0.0]])
+    h = torch.tensor([[5.0, 5.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    has_h = torch.tensor([True, False, False, True])
+    res = rules.lexico_direction(cfg, g, h, has_h, loss=0.5)
+    # ||g||=0 with h != 0: h masked, nothing applied
+    assert res.direction[0].abs().max() == 0 and res.lam[0] == 0
+    # no transfer gradient, ||g||^2 = 0.01 << loss: lambda = alpha * min(1, loss/||g||^2) = 2
+    assert res.lam[1].item() == pytest.approx(2.0)
+    # ||g||^2 = 9 > loss: phi = 2*0.5=1, lambda = (1 - 3)/9 < 0 -> 0: pure h
+    assert res.lam[3] == 0 and torch.equal(res.direction[3], h[3])
+    plain = rules.lexico_direction(RuleConfig(lexico=True, lexico_apply_to_all=False), g, h, has_h, 0.5)
+    assert torch.equal(plain.direction[1], g[1]) and plain.lam[1] == 1
+
+
+def test_rule_config_from_emb_optim_config():
+    from trainer.config import EmbOptimConfig
+
+    rc = rules.rule_config_from(EmbOptimConfig(name="cfsgd", lr=0.3, counter_halflife=10, lexico=True))
+    assert rc.step_rule == "cfsgd" and rc.lr == 0.3 and rc.lexico and rc.state_bytes_per_row() == 8
+    hash(rc)  # must be hashable (TorchRec groups tables by fused_params)
+    with pytest.raises(ValueError):
+        rules.rule_config_from(EmbOptimConfig(name="exact_sgd"))
