@@ -150,14 +150,21 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def read_with_includes(path: str | Path, _seen: tuple = ()) -> dict:
+    """A file plus its ``include:`` chain (paths relative to the including file; top file wins)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: include cycle")
+    data = read_file(path)
+    base = data.pop("include", None)
+    if base is None:
+        return data
+    return _deep_merge(read_with_includes(path.parent / base, _seen + (path,)), data)
+
+
 def load(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """File (optional ``include:`` of a base file, relative) + overrides -> typed config."""
-    data: dict = {}
-    if path is not None:
-        data = read_file(path)
-        base = data.pop("include", None)
-        if base is not None:
-            data = _deep_merge(read_file(Path(path).parent / base), data)
+    """File (with its ``include:`` chain) + overrides -> typed config."""
+    data = read_with_includes(path) if path is not None else {}
     apply_overrides(data, overrides or [])
     return from_dict(cls, data, str(path) if path else "config")
 

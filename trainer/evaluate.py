@@ -22,7 +22,7 @@ def binary_metrics(p: np.ndarray, y: np.ndarray) -> dict:
         return out | {"auc": math.nan, "logloss": math.nan, "ne": math.nan}
     p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
     ll = float(log_loss(y, p, labels=[0, 1]))
-    base = float(np.clip(y.mean(), 1e-7, 1 - 1e-7))
+    base = float(np.clip(y.astype(np.float64).mean(), 1e-7, 1 - 1e-7))
     h = -(base * math.log(base) + (1 - base) * math.log(1 - base))
     auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
     return out | {"auc": auc, "logloss": ll, "ne": ll / h}
