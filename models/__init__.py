@@ -13,7 +13,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from models.autoint import AutoInt
 from models.base import FieldSpec, TailrecModel
 from models.dlrm import DLRM, DLRMDCN
-from models.fm import FM, DeepFM
+from models.fm import EXTRA_COLS, FM, DeepFM
 from trainer.config import ModelConfig
 
 MODEL_CLASSES: dict[str, type[TailrecModel]] = {
@@ -31,9 +31,10 @@ def _check_name(model_name: str) -> None:
 
 
 def extra_dims(model_name: str) -> int:
-    """Columns a table needs beyond its factor dim: 1 for FM/DeepFM (the first-order weight)."""
+    """Columns a table needs beyond its factor dim: for FM/DeepFM the first-order weight plus padding
+    to keep FBGEMM's multiple-of-4 column count (``models.fm.EXTRA_COLS`` = 4), else 0."""
     _check_name(model_name)
-    return 1 if model_name in ("fm", "deepfm") else 0
+    return EXTRA_COLS if model_name in ("fm", "deepfm") else 0
 
 
 def build_model(

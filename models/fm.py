@@ -1,10 +1,15 @@
 """FM (linear + FM) and DeepFM (linear + FM + MLP), as in the PEP repo (torchfm layers).
 
-First-order term without a second EBC: every table of these models is one column wider than its
-factor dim (``models.extra_dims("fm") == 1``; the trainer builds ``embedding_dim = dim + 1``). For a
-field whose pooled width is ``d + 1``, columns ``[:d]`` are the factor vector and column ``d`` is the
-per-id first-order weight. With SUM pooling a multi-hot bag yields the sum of its ids' factors and
-the sum of their weights, i.e. torchfm's FeaturesLinear over the bag's ids.
+First-order term without a second EBC (which would double the sharded tables): every table of
+these models is ``EXTRA_COLS`` (= 4) columns wider than its factor dim ``d``; the trainer builds
+``embedding_dim = d + models.extra_dims(name)``. Columns ``[:d]`` are the factor vector, the last
+column is the per-id first-order weight, and the 3 columns between are alignment padding that the
+model never reads (zero gradient). Why 4 and not 1: FBGEMM's fused TBE kernels (and so our fused
+optimizer and column-wise sharding) require a multiple of 4 columns per table/shard
+(``_assert_local_cols_divisible_by_4``), so ``d + 1`` would break every fused kernel. The cost is 3
+dead columns per row (e.g. 36 instead of 33 floats at d = 32). With SUM pooling a multi-hot bag
+yields the sum of its ids' factors and of their weights, i.e. torchfm's FeaturesLinear over the bag.
+Consumers of raw rows (transfer losses on these tables) should use the factor part ``[:d]``.
 
 Dense features (Criteo) enter the first-order term through a bias-free ``Linear(num_dense, 1)`` and,
 for DeepFM, the MLP input. With ``num_dense == 0`` (MovieLens) both are absent.
@@ -19,6 +24,8 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 from models.base import MLP, Bias, FieldProjector, FieldSpec, TailrecModel
 from trainer.config import ModelConfig
 
+EXTRA_COLS = 4  # 1 first-order weight + 3 padding columns (FBGEMM needs a multiple of 4 columns)
+
 
 def fm_interaction(v: torch.Tensor) -> torch.Tensor:
     """Second-order FM term: sum_{i<j} <v_i, v_j> via 0.5 * ((sum v)^2 - sum v^2); [B, F, D] -> [B]."""
@@ -32,16 +39,19 @@ class FM(TailrecModel):
 
     def __init__(self, cfg: ModelConfig, ebc: EmbeddingBagCollection, fields: FieldSpec, num_dense: int) -> None:
         super().__init__(ebc, fields, num_dense)
-        if min(fields.widths) < 2:
-            raise ValueError(f"{cfg.name}: tables need >= 2 columns (factor dim + 1 first-order column)")
-        self.project = FieldProjector(tuple(w - 1 for w in fields.widths))
+        if min(fields.widths) <= EXTRA_COLS:
+            raise ValueError(
+                f"{cfg.name}: tables need factor dim + {EXTRA_COLS} columns (models.extra_dims), got {fields.widths}"
+            )
+        self.factor_dims = tuple(w - EXTRA_COLS for w in fields.widths)
+        self.project = FieldProjector(self.factor_dims)
         self.bias = Bias(1)
         self.dense_linear = nn.Linear(num_dense, 1, bias=False) if num_dense > 0 else None
 
     def factors_and_first_order(self, kt: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (factor vectors [B, F, D], summed first-order weights [B])."""
         raw = self.field_embeddings(kt)
-        factors = self.project([x[:, :-1] for x in raw])
+        factors = self.project([x[:, :d] for x, d in zip(raw, self.factor_dims)])
         first = torch.stack([x[:, -1] for x in raw], dim=1).sum(dim=1)
         return factors, first
 
