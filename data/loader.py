@@ -41,6 +41,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data.errors import DataError
 from data.manifest import Manifest, load_manifest
+from data.writer import check_schema
 
 _READ_ROWS = 65536   # arrow batch size when streaming a row group slice
 
@@ -65,48 +66,15 @@ class LoaderBatch(Batch):
 
 # ----------------------------------------------------------------------------- schema and footers
 
-def _expected_types(m: Manifest, features: list[str]) -> dict[str, pa.DataType]:
-    types = {m.label: pa.float32(), **{d: pa.float32() for d in m.dense_features}}
-    for name in features:
-        types[name] = pa.list_(pa.int64()) if m.feature(name).multi_hot else pa.int64()
-    return types
-
-
-def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
-    # large_list reads the same way (offsets + flat values), and list item names do not matter.
-    if pa.types.is_list(want):
-        return (pa.types.is_list(got) or pa.types.is_large_list(got)) and got.value_type == want.value_type
-    return got == want
-
-
-def check_file_schema(path: Path, schema: pa.Schema, expected: dict[str, pa.DataType]) -> None:
-    """DataError naming the file and column on a missing column or wrong type."""
-    for col, want in expected.items():
-        idx = schema.get_field_index(col)
-        if idx < 0:
-            raise DataError(path, f"missing column (expected {want})", field=col)
-        got = schema.field(idx).type
-        if not _same_type(got, want):
-            raise DataError(path, f"column type is {got}, manifest says {want}", field=col)
-
-
-def read_footers(dataset_dir: Path, m: Manifest, split: str, expected: dict[str, str]):
-    """Schema-check every file of the split; return ``[(file, row_group, rows)]`` for non-empty groups."""
+def read_footers(dataset_dir: Path, m: Manifest, split: str) -> list[tuple[str, int, int]]:
+    """Schema-check the dataset (``data.writer.check_schema``: every split file against the manifest,
+    DataError naming file and column), then return ``[(file, row_group, rows)]`` of the non-empty groups."""
+    check_schema(dataset_dir, m)
     groups = []
     for rel in m.splits[split].files:
-        path = dataset_dir / rel
-        try:
-            meta = pq.read_metadata(path)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(path, f"cannot read Parquet footer: {e}") from None
-        check_file_schema(path, meta.schema.to_arrow_schema(), expected)
+        meta = pq.read_metadata(dataset_dir / rel)
         groups += [(rel, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
                    if meta.row_group(i).num_rows > 0]
-    total = sum(g[2] for g in groups)
-    if total != m.splits[split].rows:
-        raise DataError(dataset_dir / "manifest.json",
-                        f"split {split!r}: files hold {total} rows, manifest says {m.splits[split].rows}",
-                        field=f"splits.{split}.rows")
     return groups
 
 
@@ -326,7 +294,7 @@ class ParquetLoader:
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch
-        self._groups = read_footers(self.dataset_dir, m, split, _expected_types(m, self.keys))
+        self._groups = read_footers(self.dataset_dir, m, split)
         self._sizes = np.array([g[2] for g in self._groups], np.int64)
         self.total_rows = int(self._sizes.sum())
         self._plan = plan_rank(self.total_rows, batch_size, rank, world_size, drop_last, shuffle_buffer)

@@ -180,15 +180,19 @@ def test_schema_mismatch_names_file_and_column(tmp_path):
     assert "int64" in str(e.value)
 
 
-def test_missing_column_and_row_count(tmp_path):
+def test_missing_column(tmp_path):
     make_dataset(tmp_path)
     pq.write_table(_rows(np.arange(7)).drop_columns(["tags"]), tmp_path / "train/part-00000.parquet")
-    with pytest.raises(DataError, match="missing column") as e:
+    with pytest.raises(DataError, match="missing") as e:
+        ParquetLoader(tmp_path, "train", 4, features=["rid"])   # the whole file must match the manifest
+    assert e.value.field == "tags" and e.value.path.endswith("part-00000.parquet")
+
+
+def test_unknown_dataset_refused(tmp_path):
+    make_dataset(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "other"}')
+    with pytest.raises(DataError, match="format"):
         ParquetLoader(tmp_path, "train", 4)
-    assert e.value.field == "tags"
-    # selecting only the features present still reads, but the row count no longer matches
-    with pytest.raises(DataError, match="manifest says"):
-        ParquetLoader(tmp_path, "train", 4, features=["rid"])
 
 
 def test_no_dense_features_and_feature_subset(tmp_path):
