@@ -1,0 +1,93 @@
+"""The selective target domain T'_eta (ALGORITHMS.md s5) from a dataset's ``stats/``.
+
+S = the top ``source_frac`` of the feature's seen train ids by count (ties by id), T = the other seen ids.
+score(i) = max_{j in S} cos(s_i, s_j) over the co-occurrence rows (0 when s_i = 0);
+eta = the ``eta_quantile`` quantile of the target scores (numpy's default, linear);
+T'_eta = {i in T : score(i) >= eta}: the paper drops the ~20% least transferable target ids.
+Scores come from row-normalised sparse products, |T| in chunks, so no dense |T| x |S| matrix is built.
+Saved to ``stats/selective_<feature>.npz`` (pickle-free, byte-reproducible).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from data.errors import DataError
+from data.stats import STATS_DIR, _ranked_seen, load_cooc, load_counts, write_npz
+
+_CHUNK_CELLS = 1 << 24          # bound on a chunk's product size (rows x |S|)
+
+
+@dataclass
+class SelectiveDomain:
+    source_ids: np.ndarray       # int64, by count desc
+    target_ids: np.ndarray       # int64, by count desc
+    kept_ids: np.ndarray         # int64 ascending: T'_eta
+    dropped_ids: np.ndarray      # int64 ascending: T minus T'_eta
+    scores: np.ndarray           # float64, aligned with target_ids
+    eta: float
+
+    def summary(self) -> dict:
+        return dict(source=len(self.source_ids), target=len(self.target_ids), kept=len(self.kept_ids),
+                    dropped=len(self.dropped_ids), eta=self.eta,
+                    mean_score=float(self.scores.mean()) if len(self.scores) else 0.0)
+
+
+def _normalise_rows(c: sp.csr_matrix) -> sp.csr_matrix:
+    c = sp.csr_matrix(c, dtype=np.float64)
+    norm = np.sqrt(np.asarray(c.multiply(c).sum(axis=1)).ravel())
+    return sp.csr_matrix(sp.diags(np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)) @ c)
+
+
+def max_cosine(target: sp.csr_matrix, source: sp.csr_matrix) -> np.ndarray:
+    """Per target row: max cosine to any source row (0 for an all-zero row or no source)."""
+    out = np.zeros(target.shape[0])
+    if target.shape[0] == 0 or source.shape[0] == 0:
+        return out
+    tn, snt = _normalise_rows(target), _normalise_rows(source).T.tocsc()
+    step = max(1, _CHUNK_CELLS // source.shape[0])
+    for a in range(0, target.shape[0], step):
+        prod = (tn[a:a + step] @ snt).tocsr()
+        if prod.nnz:
+            out[a:a + step] = prod.max(axis=1).toarray().ravel()   # cosines >= 0: counts are >= 0
+    return np.clip(out, 0.0, 1.0)
+
+
+def selective_target_domain(dataset_dir, feature: str, source_frac: float = 0.2,
+                            eta_quantile: float = 0.2) -> SelectiveDomain:
+    counts = load_counts(dataset_dir)
+    if feature not in counts:
+        raise KeyError(f"no statistics for feature {feature!r}; have {sorted(counts)}")
+    ranked = _ranked_seen(counts[feature])
+    n_src = min(len(ranked), max(1, math.ceil(source_frac * len(ranked)))) if len(ranked) else 0
+    src, tgt = ranked[:n_src], ranked[n_src:]
+    cooc = load_cooc(dataset_dir, feature)
+    scores = max_cosine(cooc[tgt], cooc[src])
+    eta = float(np.quantile(scores, eta_quantile)) if len(scores) else 0.0
+    keep = scores >= eta
+    return SelectiveDomain(src.astype(np.int64), tgt.astype(np.int64), np.sort(tgt[keep]).astype(np.int64),
+                           np.sort(tgt[~keep]).astype(np.int64), scores, eta)
+
+
+def _path(dataset_dir, feature: str) -> Path:
+    return Path(dataset_dir) / STATS_DIR / f"selective_{feature}.npz"
+
+
+def save_selective(dataset_dir, feature: str, dom: SelectiveDomain) -> Path:
+    p = _path(dataset_dir, feature)
+    write_npz(p, dict(source_ids=dom.source_ids, target_ids=dom.target_ids, kept_ids=dom.kept_ids,
+                      dropped_ids=dom.dropped_ids, scores=dom.scores, eta=np.float64(dom.eta)))
+    return p
+
+
+def load_selective(dataset_dir, feature: str) -> SelectiveDomain:
+    p = _path(dataset_dir, feature)
+    if not p.is_file():
+        raise DataError(p, f"no selective target domain for {feature!r}: run selective_target_domain + save")
+    with np.load(p, allow_pickle=False) as z:
+        return SelectiveDomain(z["source_ids"], z["target_ids"], z["kept_ids"], z["dropped_ids"],
+                               z["scores"], float(z["eta"]))
