@@ -27,12 +27,13 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from data.convert import (MovieLensOptions, OptionsError, Vocab, file_checksums, finish, row_uniform,
                           split_of)
 from data.errors import DataError
+from data.manifest import SparseFeature
 from data.readers import RowError, RowSink, decode, iter_lines
 from data.writer import DatasetWriter, arrow_schema, prepare_out_dir, write_vocab
 
@@ -227,6 +228,30 @@ def _count_pass(src: _Source, sink: RowSink):
     return counts, lo, hi
 
 
+def _sparse_features(features: list[str], vocabs: dict, n_buckets: int) -> list[SparseFeature]:
+    return [SparseFeature("ts_bucket", n_buckets) if f == "ts_bucket" else vocabs[f].feature(f in MULTI_HOT)
+            for f in features]
+
+
+def _write_pass(src: _Source, writer: DatasetWriter, sink: RowSink, vocabs: dict, min_ts: int) -> Counter:
+    """Map every kept row to ids and write it; returns the ts_bucket counts (for its vocab file)."""
+    buckets: Counter = Counter()
+    opts = src.opts
+    for lineno, label, ts, values in src.rows(sink):
+        row = [label]
+        for f in src.features:
+            if f == "ts_bucket":
+                b = ts_bucket(ts - min_ts)
+                buckets[b] += 1
+                row.append(b)
+            elif f in MULTI_HOT:
+                row.append([vocabs[f].id(g) for g in values[f]])
+            else:
+                row.append(vocabs[f].id(values[f]))
+        writer.append(split_of(row_uniform(opts.seed, lineno), opts.fractions), row)
+    return buckets
+
+
 def convert(src_dir: Path, out_dir: Path, opts: MovieLensOptions):
     opts.validate()
     out = prepare_out_dir(out_dir, opts.overwrite)
@@ -235,36 +260,19 @@ def convert(src_dir: Path, out_dir: Path, opts: MovieLensOptions):
     counts, min_ts, max_ts = _count_pass(src, RowSink(None, opts.skip_bad_rows, record=False))
     vocabs = {f: Vocab.build(f, c, opts.min_count) for f, c in counts.items()}
     n_buckets = ts_bucket(max_ts - min_ts) + 1
-    sparse = [vocabs[f].feature(f in MULTI_HOT) if f in vocabs else Vocab.build(f, {}, 1).feature()
-              for f in src.features]
-    for f in sparse:
-        if f.name == "ts_bucket":
-            f.num_embeddings = n_buckets
-    schema = arrow_schema([], sparse)
-    writer = DatasetWriter(out, schema, opts.row_group_size, opts.compression)
-    bucket_counts = defaultdict(int)
-    for lineno, label, ts, values in src.rows(sink):
-        row = [label]
-        for f in src.features:
-            if f == "ts_bucket":
-                b = ts_bucket(ts - min_ts)
-                bucket_counts[b] += 1
-                row.append(b)
-            elif f in MULTI_HOT:
-                row.append([vocabs[f].id(g) for g in values[f]])
-            else:
-                row.append(vocabs[f].id(values[f]))
-        writer.append(split_of(row_uniform(opts.seed, lineno), opts.fractions), row)
+    sparse = _sparse_features(src.features, vocabs, n_buckets)
+    writer = DatasetWriter(out, arrow_schema([], sparse), opts.row_group_size, opts.compression)
+    buckets = _write_pass(src, writer, sink, vocabs, min_ts)
     splits = writer.close()
     sink.close()
     vocab_files = {f: v.save(out, opts.compression) for f, v in vocabs.items()}
     if "ts_bucket" in src.features:
         vocab_files["ts_bucket"] = write_vocab(out, "ts_bucket", [str(b) for b in range(n_buckets)],
-                                               [bucket_counts[b] for b in range(n_buckets)], opts.compression)
+                                               [buckets[b] for b in range(n_buckets)], opts.compression)
     source = {"kind": "movielens-1m" if src.layout == "ml-1m" else "movielens-csv", "layout": src.layout,
               "files": file_checksums(src.files), "options": opts.to_dict(), "preset": opts.preset,
               "dropped_neutral": src.dropped_neutral,
               "ignored_extra_columns": {"rows": src.extra_rows, "first_lines": src.extra_lines},
-              "min_timestamp": min_ts, "vocab": vocab_files,
-              "split": "random"}
+              "min_timestamp": min_ts, "ts_bucket": "int(ln(t - min_timestamp)^2), 0 when t - min < 1",
+              "vocab": vocab_files, "split": "random"}
     return finish(out, source, [], sparse, splits, sink.summary(), opts)

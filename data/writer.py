@@ -104,7 +104,7 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
     out = Path(out_dir)
     if (out / "manifest.json").exists() or any((out / s).exists() for s in SPLITS):
         if not overwrite:
-            raise DataError(out, "output directory already holds a dataset (use --overwrite)")
+            raise DataError(out, "output directory already holds a dataset or a partial conversion (use --overwrite)")
         for sub in (*SPLITS, VOCAB_DIR, "stats"):
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("manifest.json", "rejects.tsv"):
