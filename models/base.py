@@ -84,7 +84,7 @@ class FieldProjector(nn.Module):
     def __init__(self, dims: tuple[int, ...]) -> None:
         super().__init__()
         self.common_dim = max(dims)
-        # ModuleDict keys must be strings; "" marks "no projection" without a placeholder module.
+        # Keyed by field index (ModuleDict needs str keys); fields already at common_dim have no entry.
         self.proj = nn.ModuleDict(
             {str(i): nn.Linear(d, self.common_dim, bias=False) for i, d in enumerate(dims) if d != self.common_dim}
         )

@@ -94,7 +94,7 @@ def test_deepfm_is_fm_plus_mlp(mk):
     torch.testing.assert_close(model(dense, kjt).double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_self_attention_matches_torch_multihead(mk):
+def test_self_attention_matches_torch_multihead():
     attn = SelfAttention(8, 2, 0.0).eval()
     ref = nn.MultiheadAttention(8, 2, batch_first=True).eval()
     with torch.no_grad():
