@@ -58,6 +58,7 @@ def iter_lines(path: str | Path, progress: bool | None = None) -> Iterator[tuple
                             line=lineno + 1) from None
         finally:
             if bar is not None:
+                bar.update(lineno % 8192)
                 bar.close()
     if lineno == 0:
         raise DataError(path, "empty file")
