@@ -159,31 +159,48 @@ class _Chunk:
     real: int
 
 
-def _list_parts(col: pa.ChunkedArray, multi_hot: bool, n: int):
+def _permute_bags(offsets: np.ndarray, values: np.ndarray, perm: np.ndarray):
+    """Reorder jagged rows by ``perm`` without a Python loop (one gather over the flat values)."""
+    lengths = np.diff(offsets)[perm]
+    new_off = np.zeros(len(perm) + 1, np.int64)
+    np.cumsum(lengths, out=new_off[1:])
+    idx = np.repeat(offsets[:-1][perm] - new_off[:-1], lengths) + np.arange(new_off[-1])
+    return new_off, values[idx]
+
+
+def _list_parts(col: pa.ChunkedArray, multi_hot: bool, perm: np.ndarray | None):
+    """(lengths int32, offsets int64, values int64) of one sparse column, rows reordered by ``perm``."""
     arr = col.combine_chunks()
+    n = len(arr)
     if not multi_hot:
-        return np.ones(n, np.int32), np.arange(n + 1, dtype=np.int64), arr.to_numpy().astype(np.int64)
+        values = arr.to_numpy().astype(np.int64)
+        return np.ones(n, np.int32), np.arange(n + 1, dtype=np.int64), values if perm is None else values[perm]
     offsets = arr.offsets.to_numpy().astype(np.int64)
     offsets = offsets - offsets[0]   # sliced arrays keep their parent's offsets
-    return np.diff(offsets).astype(np.int32), offsets, arr.flatten().to_numpy().astype(np.int64)
+    values = arr.flatten().to_numpy().astype(np.int64)
+    if perm is not None:
+        offsets, values = _permute_bags(offsets, values, perm)
+    return np.diff(offsets).astype(np.int32), offsets, values
 
 
 def _to_chunk(table: pa.Table | None, label: str, dense: list[str], sparse: list[tuple[str, bool]],
-              pad: int) -> _Chunk:
+              perm: np.ndarray | None, pad: int) -> _Chunk:
+    """Columns -> numpy in ``perm`` order (numpy gathers beat ``Table.take``), then ``pad`` padding rows."""
     if table is None:
         z = np.zeros(pad, np.int32)
         return _Chunk(np.zeros(pad, np.float32), np.zeros((pad, len(dense)), np.float32),
                       [z] * len(sparse), [np.zeros(pad + 1, np.int64)] * len(sparse),
                       [np.zeros(0, np.int64)] * len(sparse), 0)
     n = table.num_rows
+    order = slice(None) if perm is None else perm
     labels = np.zeros(n + pad, np.float32)
-    labels[:n] = table.column(label).to_numpy()
+    labels[:n] = table.column(label).to_numpy()[order]
     dense_np = np.zeros((n + pad, len(dense)), np.float32)
     for j, name in enumerate(dense):
-        dense_np[:n, j] = table.column(name).to_numpy()
+        dense_np[:n, j] = table.column(name).to_numpy()[order]
     lengths, offsets, values = [], [], []
     for name, multi in sparse:
-        ln, off, val = _list_parts(table.column(name), multi, n)
+        ln, off, val = _list_parts(table.column(name), multi, perm)
         lengths.append(np.concatenate([ln, np.zeros(pad, np.int32)]))   # padding: empty bags
         offsets.append(np.concatenate([off, np.full(pad, off[-1])]))
         values.append(val)
@@ -403,8 +420,8 @@ class ParquetLoader:
             rel, group, _ = self._groups[order[p]]
             pieces += reader.read(rel, group, a, b)
         table = pa.Table.from_batches(pieces) if pieces else None   # None: pure padding
-        if self.shuffle and table is not None and table.num_rows > 1:
-            rng = np.random.default_rng([self.seed, epoch, self.rank, chunk])
-            table = table.take(rng.permutation(table.num_rows))
+        perm = None
+        if self.shuffle and table is not None:
+            perm = np.random.default_rng([self.seed, epoch, self.rank, chunk]).permutation(table.num_rows)
         m = self.manifest
-        return _to_chunk(table, m.label, m.dense_features, self._sparse, hi_pad - hi)
+        return _to_chunk(table, m.label, m.dense_features, self._sparse, perm, hi_pad - hi)

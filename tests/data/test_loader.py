@@ -100,6 +100,19 @@ def test_batch_content_equals_parquet_rows(ds):
     assert len(loader) == -(-n // 8)
 
 
+def test_shuffled_rows_stay_whole(ds):
+    """In-buffer shuffle moves every column of a row together (bags included) and does reorder rows."""
+    root, _ = ds
+    ids_seen = []
+    for b in ParquetLoader(root, "train", 4, seed=9, shuffle_buffer=16):
+        ids = row_ids(b)
+        tags = b.sparse_features["tags"].to_dense()
+        assert [t.tolist() for t in tags] == [[i * 10 + j for j in range(i % 4)] for i in ids]
+        assert b.dense_features[:, 0].tolist() == ids.tolist() and b.labels.tolist() == (ids % 2).tolist()
+        ids_seen += ids.tolist()
+    assert ids_seen != sorted(ids_seen)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_train_split_disjoint_equal_counts(ds, world):
     root, n = ds

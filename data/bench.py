@@ -1,0 +1,126 @@
+"""``tailrec bench data``: Criteo conversion speed and memory, loader throughput vs a plain Parquet read.
+
+For each size: generate a Kaggle-layout ``train.txt`` (``data.generate.generate_criteo``), convert it
+in a child process (``convert_criteo``, default vocab mode, statistics pass off) that reports its own
+peak RSS, then time one epoch of ``ParquetLoader`` (1 rank, and each rank of 2 simulated one after the
+other in this process) next to ``pq.ParquetFile.iter_batches`` over the same train files.
+
+Peak RSS is the child's own ``ru_maxrss``: ``RUSAGE_CHILDREN`` keeps the maximum over *all* waited
+children, so a later, smaller conversion could never show a lower number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from data.loader import ParquetLoader
+from data.manifest import load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CHILD = r"""
+import json, resource, sys, time
+from data.convert import CriteoOptions, convert_criteo
+t = time.perf_counter()
+m = convert_criteo([sys.argv[1]], sys.argv[2], CriteoOptions(stats=False, overwrite=True))
+dt = time.perf_counter() - t
+rows = sum(s.rows for s in m.splits.values()) + m.rejects.get("count", 0)
+print(json.dumps({"seconds": dt, "rows": rows, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def convert_in_child(src: Path, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out)], env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"conversion of {src} failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"convert_rows_per_s": r["rows"] / r["seconds"], "convert_seconds": r["seconds"],
+            "convert_peak_rss_mib": r["max_rss_kib"] / 1024}
+
+
+def plain_read(dataset_dir: Path, batch_size: int) -> dict:
+    """The floor: decode the same train files with iter_batches, no tensors, no shuffle."""
+    m = load_manifest(dataset_dir)
+    t, batches, rows = time.perf_counter(), 0, 0
+    for rel in m.splits["train"].files:
+        with pq.ParquetFile(dataset_dir / rel) as pf:
+            for rb in pf.iter_batches(batch_size=batch_size):
+                batches, rows = batches + 1, rows + rb.num_rows
+    dt = time.perf_counter() - t
+    return {"batches_per_s": batches / dt, "rows_per_s": rows / dt}
+
+
+def loader_read(dataset_dir: Path, batch_size: int, world: int) -> dict:
+    """One epoch per rank, ranks run one after another; the mean per-rank rate is reported."""
+    rates, rows = [], 0
+    for rank in range(world):
+        loader = ParquetLoader(dataset_dir, "train", batch_size, rank=rank, world_size=world)
+        t = time.perf_counter()
+        n = sum(1 for _ in loader)
+        rates.append(n / (time.perf_counter() - t))
+        rows += n * batch_size
+    per_rank = sum(rates) / world
+    return {"batches_per_s": per_rank, "rows_per_s": per_rank * batch_size, "rows": rows}
+
+
+def bench_size(work: Path, rows: int, batch_size: int, seed: int) -> dict:
+    from data.generate import generate_criteo
+    raw, ds = work / f"raw-{rows}" / "train.txt", work / f"ds-{rows}"
+    gen = generate_criteo(raw, rows, seed=seed)
+    res = {"rows": rows, "generate_rows_per_s": gen["rows_per_s"], **convert_in_child(raw, ds)}
+    res["train_rows"] = load_manifest(ds).splits["train"].rows
+    res["plain"] = plain_read(ds, batch_size)
+    res["loader"] = {w: loader_read(ds, batch_size, w) for w in (1, 2)}
+    return res
+
+
+def bench_data(out_dir=None, sizes=(1_000_000, 3_000_000), batch_size: int = 4096, seed: int = 0) -> dict:
+    """Run every size; returns ``{"sizes": [per-size dict], "batch_size": ..., "table": markdown}``."""
+    with tempfile.TemporaryDirectory(prefix="tailrec-bench-") as tmp:
+        work = Path(out_dir) if out_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = [bench_size(work, n, batch_size, seed) for n in sizes]
+    return {"sizes": results, "batch_size": batch_size, "table": format_table(results, batch_size)}
+
+
+def format_table(results: list[dict], batch_size: int) -> str:
+    lines = ["| raw rows | generate rows/s | convert rows/s | convert peak RSS MiB | train rows "
+             f"| plain iter_batches batches/s | loader 1 rank batches/s | loader 2 ranks batches/s per rank |",
+             "|" + "---:|" * 8]
+    for r in results:
+        lines.append(f"| {r['rows']:,} | {r['generate_rows_per_s']:,.0f} | {r['convert_rows_per_s']:,.0f} "
+                     f"| {r['convert_peak_rss_mib']:,.0f} | {r['train_rows']:,} "
+                     f"| {r['plain']['batches_per_s']:,.1f} | {r['loader'][1]['batches_per_s']:,.1f} "
+                     f"| {r['loader'][2]['batches_per_s']:,.1f} |")
+    lines.append(f"\nbatch size {batch_size}; loader rows/s = batches/s x {batch_size}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tailrec bench data", description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="keep raw and converted data here (default: a temporary dir)")
+    p.add_argument("--sizes", default="1000000,3000000", help="comma-separated raw row counts")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the numbers to this file")
+    a = p.parse_args(argv)
+    sizes = tuple(int(s) for s in a.sizes.split(","))
+    res = bench_data(a.out, sizes, a.batch_size, a.seed)
+    print(res["table"])
+    if a.json:
+        Path(a.json).write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
