@@ -69,8 +69,8 @@ def evaluate(model, loader, device: torch.device, bucket_of_id: np.ndarray | Non
     for batch in progress(loader) if progress else loader:
         batch = batch.to(device)
         _, (_, logits, y) = model(batch)
-        mask = getattr(batch, "valid", None)  # loader padding for equal batch counts (None: all rows)
-        keep = slice(None) if mask is None else mask.bool()
+        w = getattr(batch, "weights", None)  # 0 marks the loader's padding rows (equal batch counts per rank)
+        keep = slice(None) if w is None else w > 0
         preds.append(torch.sigmoid(logits.float())[keep])
         labels.append(y.float()[keep])
         if bucket_of_id is not None:

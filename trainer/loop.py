@@ -41,7 +41,7 @@ class TrainState:
     best: dict = field(default_factory=dict)      # {"epoch", "step", "valid", "test"} at best valid AUC
     bad_evals: int = 0
     history: list = field(default_factory=list)   # one entry per evaluation
-    done: bool = False
+    done: bool = False           # early stopping fired (max_steps is not persisted: a resumed run may go further)
 
 
 def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[EmbeddingBagConfig]:
@@ -126,8 +126,8 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg.train
         while not self.state.done and self.state.epoch < cfg.epochs:
-            finished_epoch = self._train_epoch()
-            if not finished_epoch:
+            if not self._train_epoch():     # stopped by max_steps: checkpoint where we are
+                self.save_checkpoint()
                 break
             self.state.epoch += 1
             self.state.step_in_epoch = 0
@@ -158,7 +158,6 @@ class Trainer:
         t_last, wait_last = time.perf_counter(), 0.0
         while True:
             if cfg.max_steps and self.state.step >= cfg.max_steps:
-                self.state.done = True
                 bar.close()
                 return False
             try:
