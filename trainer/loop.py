@@ -157,6 +157,9 @@ class Trainer:
         bar = _progress(self.env.is_main, total, self.state.step_in_epoch, f"epoch {self.state.epoch}")
         t_last, wait_last = time.perf_counter(), 0.0
         while True:
+            if self.state.step_in_epoch >= total:  # epoch complete (also when it ends exactly at max_steps)
+                bar.close()
+                return True
             if cfg.max_steps and self.state.step >= cfg.max_steps:
                 bar.close()
                 return False
