@@ -118,24 +118,44 @@ def slices_for(lo: int, hi: int, sizes: np.ndarray, starts: np.ndarray):
 
 # ----------------------------------------------------------------------------- reading and tensors
 
+@dataclass
+class _Stream:
+    key: tuple[str, int]        # (file, row group)
+    batches: object             # iterator over the group's record batches
+    pos: int = 0                # group row index of the next unread row
+    rest: pa.RecordBatch | None = None   # unread tail of the last batch
+
+
 class _GroupReader:
-    """Streams row-group slices with ``iter_batches`` (``Dataset.to_batches`` hoards memory, arrow #39808)."""
+    """Streams row-group slices with ``iter_batches`` (``Dataset.to_batches`` hoards memory, arrow #39808).
+
+    Consecutive shuffle chunks often continue inside the same row group; the open stream is resumed
+    instead of re-decoding the group from its first row each time.
+    """
 
     def __init__(self, root: Path, columns: list[str]):
-        self._root, self._columns, self._files = root, columns, {}
+        self._root, self._columns, self._files, self._stream = root, columns, {}, None
 
-    def read(self, rel: str, group: int, lo: int, hi: int) -> list[pa.RecordBatch]:
+    def _open(self, rel: str, group: int) -> _Stream:
         pf = self._files.get(rel)
         if pf is None:
             pf = self._files[rel] = pq.ParquetFile(self._root / rel)
-        out, seen = [], 0
-        for rb in pf.iter_batches(batch_size=min(_READ_ROWS, hi), row_groups=[group], columns=self._columns):
-            a, b = max(lo - seen, 0), min(hi - seen, rb.num_rows)
-            if b > a:
-                out.append(rb.slice(a, b - a))
-            seen += rb.num_rows
-            if seen >= hi:
-                break
+        it = pf.iter_batches(batch_size=_READ_ROWS, row_groups=[group], columns=self._columns)
+        return _Stream((rel, group), iter(it))
+
+    def read(self, rel: str, group: int, lo: int, hi: int) -> list[pa.RecordBatch]:
+        st = self._stream
+        if st is None or st.key != (rel, group) or st.pos > lo:
+            st = self._stream = self._open(rel, group)
+        out = []
+        while st.pos < hi:
+            rb = st.rest if st.rest is not None else next(st.batches)
+            end = min(hi - st.pos, rb.num_rows)
+            skip = min(max(lo - st.pos, 0), end)
+            if end > skip:
+                out.append(rb.slice(skip, end - skip))
+            st.rest = rb.slice(end) if end < rb.num_rows else None
+            st.pos += end
         for piece in out:
             for name, col in zip(piece.schema.names, piece.columns):
                 if col.null_count:
@@ -143,6 +163,7 @@ class _GroupReader:
         return out
 
     def close(self) -> None:
+        self._stream = None
         for pf in self._files.values():
             pf.close()
         self._files.clear()
