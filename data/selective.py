@@ -4,7 +4,7 @@ S = the top ``source_frac`` of the feature's seen train ids by count (ties by id
 score(i) = max_{j in S} cos(s_i, s_j) over the co-occurrence rows (0 when s_i = 0);
 eta = the ``eta_quantile`` quantile of the target scores (numpy's default, linear);
 T'_eta = {i in T : score(i) >= eta}: the paper drops the ~20% least transferable target ids.
-Scores come from row-normalised sparse products, |T| in chunks, so no dense |T| x |S| matrix is built.
+Scores come from row-normalised products in bounded blocks (|T| chunk x |S| block), never |T| x |S| at once.
 Saved to ``stats/selective_<feature>.npz`` (pickle-free, byte-reproducible).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from data.errors import DataError
 from data.stats import STATS_DIR, _ranked_seen, load_cooc, load_counts, write_npz
 
-_CHUNK_CELLS = 1 << 24          # bound on a chunk's product size (rows x |S|)
+_CHUNK_CELLS = 1 << 23          # bound on one dense block (cells of float64)
 
 
 @dataclass
@@ -44,17 +44,23 @@ def _normalise_rows(c: sp.csr_matrix) -> sp.csr_matrix:
 
 
 def max_cosine(target: sp.csr_matrix, source: sp.csr_matrix) -> np.ndarray:
-    """Per target row: max cosine to any source row (0 for an all-zero row or no source)."""
+    """Per target row: max cosine to any source row (0 for an all-zero row or no source).
+
+    Source rows go in dense blocks (top_k x block) so each product is a sparse-times-dense matmul
+    with a dense (chunk x block) result; both stay under _CHUNK_CELLS cells.
+    """
     out = np.zeros(target.shape[0])
     if target.shape[0] == 0 or source.shape[0] == 0:
         return out
-    tn, snt = _normalise_rows(target), _normalise_rows(source).T.tocsc()
-    step = max(1, _CHUNK_CELLS // source.shape[0])
-    for a in range(0, target.shape[0], step):
-        prod = (tn[a:a + step] @ snt).tocsr()
-        if prod.nnz:
-            out[a:a + step] = prod.max(axis=1).toarray().ravel()   # cosines >= 0: counts are >= 0
-    return np.clip(out, 0.0, 1.0)
+    tn, sn = _normalise_rows(target), _normalise_rows(source)
+    s_step = max(1, _CHUNK_CELLS // max(source.shape[1], 1))
+    for b in range(0, source.shape[0], s_step):
+        block = sn[b:b + s_step].T.toarray()
+        t_step = max(1, _CHUNK_CELLS // block.shape[1])
+        for a in range(0, target.shape[0], t_step):
+            best = (tn[a:a + t_step] @ block).max(axis=1)
+            np.maximum(out[a:a + t_step], best, out=out[a:a + t_step])
+    return np.clip(out, 0.0, 1.0)      # cosines of non-negative counts are in [0, 1]
 
 
 def selective_target_domain(dataset_dir, feature: str, source_frac: float = 0.2,

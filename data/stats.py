@@ -283,7 +283,7 @@ def compute_stats(dataset_dir, top_k: int = 1000, head_frac: float = 0.2, tail_f
     _write_json(out / "top_ids.json", [list(t) for t in top])
     _write_json(out / "buckets.json", buckets)
     summary = dict(train_rows=rows, top_k=len(top), head_frac=head_frac, tail_frac=tail_frac,
-                   features={n: _feature_summary(counts[n], buckets[n], cooc[n].nnz) for n in names})
+                   feature_order=names, features={n: _feature_summary(counts[n], buckets[n], cooc[n].nnz) for n in names})
     _write_json(out / "summary.json", summary)
     m.stats = {"dir": STATS_DIR, "top_k": len(top), "features": names,
                "head_frac": head_frac, "tail_frac": tail_frac}
@@ -332,7 +332,8 @@ def format_stats(dataset_dir) -> str:
              f"head = top {s['head_frac']:.0%} of seen ids, tail = bottom {s['tail_frac']:.0%}",
              f"{'feature':<16}{'emb':>10}{'seen':>10}{'top1%':>7}{'gini':>6}  "
              f"{'head>=':>8}{'tail<=':>8}  {'records head/torso/tail':>24}"]
-    for name, f in s["features"].items():
+    for name in s["feature_order"]:
+        f = s["features"][name]
         shares = "/".join(f"{f[b]['share']:.2f}" for b in BUCKETS)
         lines.append(f"{name:<16}{f['num_embeddings']:>10}{f['seen_ids']:>10}{f['top1pct_share']:>7.2f}"
                      f"{f['gini']:>6.2f}  {f['head_min_count']:>8}{f['tail_max_count']:>8}  {shares:>24}")
