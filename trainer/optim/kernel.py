@@ -388,6 +388,14 @@ std::vector<torch::Tensor> tailrec_update(
   std::vector<int32_t> utab;
   std::vector<uint8_t> uflag;
   std::vector<float> gacc, hacc;
+  // Reserve the worst case (every id unique) so the accumulators never reallocate while
+  // growing; untouched reserved pages cost nothing.
+  int64_t max_dim = 0;
+  for (int64_t t = 0; t < tab_dim.size(0); ++t) max_dim = std::max(max_dim, dim[t]);
+  const int64_t max_u = std::min<int64_t>(indices.size(0), slot.size(0));
+  ukey.reserve(max_u); uacc.reserve(max_u); utab.reserve(max_u); uflag.reserve(max_u);
+  gacc.reserve(max_u * max_dim);
+  if (any_shadow) hacc.reserve(max_u * max_dim);
   for (int64_t f = 0; f < F; ++f) {
     const int64_t t = ft[f], D = dim[t];
     for (int64_t k = f * B; k < (f + 1) * B; ++k) {

@@ -1,0 +1,142 @@
+"""Shard a model's EmbeddingBagCollection(s) with per-table optimizers (ours or FBGEMM's).
+
+`shard_model` applies one fused optimizer per table (`_apply_optimizer_in_backward`), plans
+with explicit `ParameterConstraints` per table (sharding type and compute kernel from the
+config; a fused-optimizer table is never left to the planner's data_parallel/dense choice,
+ALGORITHMS.md pitfall 5), and builds DistributedModelParallel inside our kernel hook.
+
+Gradient division (decided): TorchRec's all-to-all backward divides embedding gradients by
+the world size (`comm_ops.set_gradient_division`, default True). We keep that default: the
+trainer's loss is a per-rank mean, DDP averages dense gradients, so with division the
+embedding gradient is the gradient of the global mean loss, like the dense one, for FBGEMM
+baselines and our kernel alike. `set_main_loss` averages the loss over ranks to match.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+from trainer.optim import fbgemm
+from trainer.optim.rules import STEP_RULES, RuleConfig, rule_config_from
+from trainer.optim.torchrec_adapter import (
+    TailrecOptimizer,
+    kernel_stats,
+    optimizer_kwargs,
+    set_main_loss,
+    set_optimizer_step,
+    tailrec_kernels,
+)
+
+__all__ = ["ShardResult", "shard_model", "set_optimizer_step", "set_main_loss", "kernel_stats"]
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardResult:
+    dmp: DistributedModelParallel
+    plan: ShardingPlan
+    plan_text: str
+    dense_emb_params: List[Tuple[str, nn.Parameter]] = field(default_factory=list)  # dense_adam tables
+    optimizers: Dict[str, str] = field(default_factory=dict)  # table -> optimizer name
+
+
+class AllShardingsSharder(EmbeddingBagCollectionSharder):
+    """The stock sharder offers row_wise (and friends) only for compute_device 'cuda';
+    they run fine on CPU/gloo, and the plan's constraints pick the one the config asks for."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return super().sharding_types("cuda" if compute_device_type == "cpu" else compute_device_type)
+
+
+def table_optimizer_kwargs(opt_cfg: Any) -> Optional[Dict[str, Any]]:
+    """kwargs for `_apply_optimizer_in_backward`, or None for a dense (torch Adam) table."""
+    if opt_cfg.name in STEP_RULES:
+        return optimizer_kwargs(rule_config_from(opt_cfg))
+    if opt_cfg.name in fbgemm.DENSE_OPTIMIZERS:
+        return None
+    return fbgemm.fused_params(opt_cfg)
+
+
+def _constraints(emb_cfg: Any, tables: List[EmbeddingBagConfig]) -> Dict[str, ParameterConstraints]:
+    out = {}
+    for t in tables:
+        _, st, opt = emb_cfg.for_table(t.name)
+        if opt.name in fbgemm.DENSE_OPTIMIZERS:
+            out[t.name] = ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"])
+            continue
+        if st == "data_parallel":
+            raise ValueError(f"table {t.name}: data_parallel ignores fused optimizer {opt.name!r} "
+                             "(use table_wise/row_wise/column_wise, or dense_adam)")
+        if opt.name in STEP_RULES and opt.lexico and st == "column_wise":
+            raise ValueError(f"table {t.name}: lexico needs full-row norms; column_wise splits rows")
+        out[t.name] = ParameterConstraints(sharding_types=[st], compute_kernels=[emb_cfg.compute_kernel])
+    return out
+
+
+def _ebcs(model: nn.Module) -> List[EmbeddingBagCollection]:
+    ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+    if not ebcs:
+        raise ValueError("model has no EmbeddingBagCollection to shard")
+    return ebcs
+
+
+def _apply_table_optimizers(model: nn.Module, emb_cfg: Any, tables: List[EmbeddingBagConfig]) -> Dict[str, str]:
+    names = {t.name for t in tables}
+    chosen = {}
+    for ebc in _ebcs(model):
+        for name, bag in ebc.embedding_bags.items():
+            if name not in names:
+                continue
+            opt = emb_cfg.for_table(name)[2]
+            opt.validate(f"embedding.tables.{name}.optimizer")
+            chosen[name] = opt.name
+            kw = table_optimizer_kwargs(opt)
+            if kw is not None:
+                _apply_optimizer_in_backward(TailrecOptimizer, [bag.weight], kw)
+    return chosen
+
+
+def shard_model(model: nn.Module, emb_cfg: Any, tables: List[EmbeddingBagConfig],
+                pg: Optional[dist.ProcessGroup], device: torch.device) -> ShardResult:
+    """Shard `model` (built on meta) over `pg`; `emb_cfg` is trainer.config.EmbeddingConfig."""
+    pg = pg or dist.group.WORLD
+    chosen = _apply_table_optimizers(model, emb_cfg, tables)
+    sharder = AllShardingsSharder(fused_params={"optimizer": fbgemm._TYPES["exact_sgd"],
+                                                "learning_rate": float(emb_cfg.optimizer.lr)})
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=dist.get_world_size(pg), compute_device=device.type),
+        constraints=_constraints(emb_cfg, tables),
+    )
+    plan = planner.collective_plan(model, [sharder], pg)
+    with tailrec_kernels():
+        dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[sharder],
+                                       env=ShardingEnv.from_process_group(pg))
+    dense_names = {n for n, o in chosen.items() if o in fbgemm.DENSE_OPTIMIZERS}
+    dense = [(n, p) for n, p in dmp.named_parameters()
+             if any(n.endswith(f"embedding_bags.{t}.weight") for t in dense_names)]
+    return ShardResult(dmp=dmp, plan=plan, plan_text=format_plan(plan, chosen), dense_emb_params=dense,
+                       optimizers=chosen)
+
+
+def format_plan(plan: ShardingPlan, optimizers: Dict[str, str]) -> str:
+    """Readable table: table, sharding type, compute kernel, ranks, optimizer."""
+    rows = [("table", "sharding", "kernel", "ranks", "optimizer")]
+    for _, params in sorted(plan.plan.items()):
+        for name, ps in sorted(params.items()):  # type: ignore[union-attr]
+            ranks = ",".join(str(r) for r in sorted(set(ps.ranks or [])))
+            rows.append((name, ps.sharding_type, ps.compute_kernel, ranks or "all", optimizers.get(name, "?")))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
