@@ -1,0 +1,153 @@
+"""Fused optimizer kernel benchmark: ms/step of a sharded EBC (forward + backward with the
+fused update, input/output dist included) for our kernel vs FBGEMM's fused optimizers, on the
+same data and plan, side by side in one run.
+
+    torchrun --nproc_per_node {1,2} -m trainer.optim.bench [--rows N --batch B ...]
+    python -m trainer.optim.bench            # one rank without torchrun
+
+Ids are Zipf-like (log-uniform over the table: p(k) ~ 1/k), bag sizes uniform in [0, 2L).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+VARIANTS = {  # name -> (EmbOptimConfig kwargs, shadow features?)
+    "cfsgd (ours)": (dict(name="cfsgd"), False),
+    "cfsgd + lexico (ours, shadow)": (dict(name="cfsgd", lexico=True), True),
+    "fbgemm exact_sgd": (dict(name="exact_sgd"), False),
+    "fbgemm exact_rowwise_adagrad": (dict(name="exact_rowwise_adagrad"), False),
+    "fbgemm counter_sgd": (dict(name="counter_sgd"), False),
+}
+SHADOW_TABLES = 4  # tables that get a shadow (transfer) feature in the lexico variant
+
+
+def _args(argv: List[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tailrec bench kernel")
+    p.add_argument("--tables", type=int, default=26)
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4096, help="per rank")
+    p.add_argument("--pooling", type=int, default=10, help="mean ids per bag")
+    p.add_argument("--sharding", default="table_wise")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    return p.parse_args(argv)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, tables):
+        super().__init__()
+        from torchrec import EmbeddingBagCollection
+
+        self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+
+    def forward(self, kjt):
+        return self.ebc(kjt)
+
+
+def _tables(a, shadow: bool):
+    from torchrec import EmbeddingBagConfig
+
+    return [EmbeddingBagConfig(num_embeddings=a.rows, embedding_dim=a.dim, name=f"t{i}",
+                               feature_names=[f"f{i}"] + ([f"f{i}__shadow"] if shadow and i < SHADOW_TABLES else []))
+            for i in range(a.tables)]
+
+
+def _batches(a, rank: int, shadow: bool, n: int = 4):
+    from torchrec import KeyedJaggedTensor
+
+    out = []
+    for s in range(n):
+        g = torch.Generator().manual_seed(1000 * s + rank)
+        keys, lengths, values = [], [], []
+        for i in range(a.tables):
+            ln = torch.randint(0, 2 * a.pooling, (a.batch,), generator=g)
+            v = (a.rows ** torch.rand(int(ln.sum()), generator=g)).long().clamp_max(a.rows - 1)
+            feats = [f"f{i}"] + ([f"f{i}__shadow"] if shadow and i < SHADOW_TABLES else [])
+            for f in feats:  # the shadow lookup repeats the batch's ids (transfer rows from the batch)
+                keys.append(f), lengths.append(ln), values.append(v)
+        out.append(KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)))
+    return out
+
+
+def _build(a, kw: Dict, shadow: bool):
+    from trainer.config import EmbeddingConfig, EmbOptimConfig
+    from trainer.sharding import shard_model
+
+    cfg = EmbeddingConfig(dim=a.dim, sharding_type=a.sharding, optimizer=EmbOptimConfig(lr=0.01, **kw))
+    tables = _tables(a, shadow)
+    return shard_model(_Wrap(tables), cfg, tables, dist.group.WORLD, torch.device("cpu")).dmp
+
+
+def _step(dmp, kjt, lexico: bool) -> None:
+    from trainer.optim.torchrec_adapter import set_main_loss
+
+    d = dmp(kjt).to_dict()
+    main = sum((v ** 2).sum() for k, v in d.items() if not k.endswith("__shadow")) / kjt.stride()
+    tr = [(v ** 2).sum() for k, v in d.items() if k.endswith("__shadow")]
+    if lexico:
+        set_main_loss(dmp, main)
+    (main + 0.1 * sum(tr) / kjt.stride() if tr else main).backward()
+
+
+def _time(dmp, batches, a, lexico: bool) -> float:
+    for s in range(a.warmup):
+        _step(dmp, batches[s % len(batches)], lexico)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for s in range(a.steps):
+        _step(dmp, batches[s % len(batches)], lexico)
+    dist.barrier()
+    return (time.perf_counter() - t0) / a.steps * 1e3
+
+
+def _state_bytes(kw: Dict, dim: int) -> int:
+    from trainer.config import EmbOptimConfig
+    from trainer.optim import fbgemm
+    from trainer.optim.rules import STEP_RULES, rule_config_from
+
+    cfg = EmbOptimConfig(**kw)
+    return rule_config_from(cfg).state_bytes_per_row() if cfg.name in STEP_RULES else fbgemm.state_bytes_per_row(cfg, dim)
+
+
+def main(argv: List[str] | None = None) -> int:
+    a = _args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1"), os.environ.setdefault("MASTER_PORT", "29517")
+        os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group("gloo")
+    from trainer.optim import kernel
+
+    kernel.load_extension()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    models = {n: _build(a, kw, sh) for n, (kw, sh) in VARIANTS.items()}
+    data = {sh: _batches(a, rank, sh) for sh in (False, True)}
+    res: Dict[str, List[float]] = {n: [] for n in models}
+    for _ in range(a.rounds):  # interleaved rounds expose machine noise
+        for n, dmp in models.items():
+            kw, sh = VARIANTS[n]
+            res[n].append(_time(dmp, data[sh], a, lexico=kw.get("lexico", False)))
+    if rank == 0:
+        print(f"world={world} sharding={a.sharding} tables={a.tables}x{a.rows}x{a.dim} batch/rank={a.batch} "
+              f"ids/rank/step~{data[False][0].values().numel()} ext={'yes' if kernel._EXT else 'no'}")
+        print("| optimizer | ms/step (median of rounds) | rounds | state bytes/row |")
+        print("|---|---|---|---|")
+        for n, v in res.items():
+            print(f"| {n} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} | "
+                  f"{_state_bytes(VARIANTS[n][0], a.dim)} |")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
