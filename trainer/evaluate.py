@@ -53,10 +53,14 @@ def gather_1d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _feature_ids(kjt, feature: str) -> torch.Tensor:
+    """One id per example; padding rows (empty bags) get id 0 and are masked out by their weight."""
     jt = kjt[feature]
-    if not bool((jt.lengths() == 1).all()):
+    lengths = jt.lengths()
+    if bool((lengths > 1).any()):
         raise ValueError(f"bucket feature {feature!r} must be single-valued (one id per example)")
-    return jt.values()
+    ids = torch.zeros(lengths.numel(), dtype=torch.long, device=lengths.device)
+    ids[lengths == 1] = jt.values().long()
+    return ids
 
 
 @torch.no_grad()

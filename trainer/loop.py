@@ -69,7 +69,9 @@ class Trainer:
                             feature_names=self.features, device="meta")
         sharded = shard_model(TrainModule(model), cfg.embedding, self.tables, dist.group.WORLD, env.device)
         self.dmp, self.plan_text = sharded.dmp, sharded.plan_text
-        self.optimizer = build_dense_optimizer(self.dmp, cfg.dense_optim, sharded.dense_emb_params)
+        dense_emb_lr = {n: cfg.embedding.for_table(n.split("embedding_bags.")[1].rsplit(".", 1)[0])[2].lr
+                        for n, _ in sharded.dense_emb_params}   # dense_adam tables: torch Adam at their lr
+        self.optimizer = build_dense_optimizer(self.dmp, cfg.dense_optim, dense_emb_lr)
         self.loaders = {s: self._loader(s) for s in ("train", "valid", "test")}
         self.bucket_of_id = self._buckets()
         ck_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
