@@ -26,7 +26,7 @@ from trainer.dist import DistEnv
 from trainer.evaluate import evaluate
 from trainer.optimizers import build_dense_optimizer
 from trainer.pipeline import TimedIterator, make_driver
-from trainer.sharding import set_optimizer_step, shard_model
+from trainer.sharding import kernel_stats, set_optimizer_step, shard_model
 from trainer.train_module import TrainModule
 
 log = logging.getLogger("tailrec.train")
@@ -77,6 +77,7 @@ class Trainer:
         ck_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
         self.checkpointer = Checkpointer(ck_dir, env.rank, cfg.checkpoint.keep)
         self.state = TrainState()
+        self.table_lr = {t.name: cfg.embedding.for_table(t.name)[2].lr for t in self.tables}
 
     def _loader(self, split: str) -> ParquetLoader:
         d, train = self.cfg.data, split == "train"
@@ -174,13 +175,26 @@ class Trainer:
             self.state.step_in_epoch += 1
             now = time.perf_counter()
             if self.metrics:
-                self.metrics.on_step(int(labels.numel()), now - t_last, it.wait_s - wait_last, float(loss))
+                self.metrics.on_step(int(labels.numel()), now - t_last, it.wait_s - wait_last, float(loss),
+                                     lr=self.table_lr)
             t_last, wait_last = now, it.wait_s
             bar.update(1)
             if self.state.step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
+                self._export_optimizer_stats()
             if ck.every_steps and self.state.step % ck.every_steps == 0:
                 self.save_checkpoint()  # weights reflect exactly `step` batches; in-flight ones are not counted
+
+    def _export_optimizer_stats(self) -> None:
+        """Memory and, for our kernels, counter / lambda statistics of the last step (local shards)."""
+        if not self.metrics:
+            return
+        self.metrics.update_memory()
+        for table, st in kernel_stats(self.dmp).items():
+            counters = {k[len("counter_"):]: v for k, v in st.items() if k.startswith("counter_")}
+            lam = {k[len("lambda_"):]: v for k, v in st.items() if k.startswith("lambda_")}
+            self.metrics.on_optimizer_stats(table, self.cfg.embedding.for_table(table)[2].name,
+                                            counters or None, lam or None)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate_split(self, split: str) -> dict:

@@ -18,10 +18,11 @@ log = logging.getLogger("tailrec.train")
 def _make_metrics(cfg: Config, env):
     if not cfg.metrics.enabled:
         return None
-    from trainer.metrics import PrometheusMetrics
+    from trainer.metrics import PrometheusMetrics, restart_count
 
     m = PrometheusMetrics(cfg.metrics, env.rank, env.local_rank, env.world_size)
-    m.on_restart(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    m.on_restart(restart_count())
+    log.info("metrics on %s", m.url)
     return m
 
 
