@@ -1,7 +1,7 @@
 """``tailrec bench data``: Criteo conversion speed and memory, loader throughput vs a plain Parquet read.
 
 For each size: generate a Kaggle-layout ``train.txt`` (``data.generate.generate_criteo``), convert it
-in a child process (``convert_criteo``, default vocab mode, statistics pass off) that reports its own
+in a child process (``convert_criteo``, vocab or hash mode, statistics pass off) that reports its own
 peak RSS, then time one epoch of ``ParquetLoader`` (1 rank, and each rank of 2 simulated one after the
 other in this process; best of 2 epochs, after a warm-up) next to ``pq.ParquetFile.iter_batches``
 over the same train files.
@@ -31,16 +31,16 @@ _CHILD = r"""
 import json, resource, sys, time
 from data.convert import CriteoOptions, convert_criteo
 t = time.perf_counter()
-m = convert_criteo([sys.argv[1]], sys.argv[2], CriteoOptions(stats=False, overwrite=True))
+m = convert_criteo([sys.argv[1]], sys.argv[2], CriteoOptions(mode=sys.argv[3], stats=False, overwrite=True))
 dt = time.perf_counter() - t
 rows = sum(s.rows for s in m.splits.values()) + m.rejects.get("count", 0)
 print(json.dumps({"seconds": dt, "rows": rows, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
-def convert_in_child(src: Path, out: Path) -> dict:
+def convert_in_child(src: Path, out: Path, mode: str = "vocab") -> dict:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), mode], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"conversion of {src} failed:\n{proc.stderr[-3000:]}")
@@ -88,11 +88,11 @@ def loader_read(dataset_dir: Path, batch_size: int, world: int, repeats: int = 2
     return {"batches_per_s": per_rank, "rows_per_s": per_rank * batch_size, "batches_per_rank": len(loader)}
 
 
-def bench_size(work: Path, rows: int, batch_size: int, seed: int) -> dict:
+def bench_size(work: Path, rows: int, batch_size: int, seed: int, mode: str = "vocab") -> dict:
     from data.generate import generate_criteo
     raw, ds = work / f"raw-{rows}" / "train.txt", work / f"ds-{rows}"
     gen = generate_criteo(raw, rows, seed=seed)
-    res = {"rows": rows, "generate_rows_per_s": gen["rows_per_s"], **convert_in_child(raw, ds)}
+    res = {"rows": rows, "generate_rows_per_s": gen["rows_per_s"], **convert_in_child(raw, ds, mode)}
     res["train_rows"] = load_manifest(ds).splits["train"].rows
     res["raw_mib"] = raw.stat().st_size / 2**20
     res["plain"] = plain_read(ds, batch_size)
@@ -100,13 +100,14 @@ def bench_size(work: Path, rows: int, batch_size: int, seed: int) -> dict:
     return res
 
 
-def bench_data(out_dir=None, sizes=(1_000_000, 3_000_000), batch_size: int = 4096, seed: int = 0) -> dict:
+def bench_data(out_dir=None, sizes=(1_000_000, 3_000_000), batch_size: int = 4096, seed: int = 0,
+               mode: str = "vocab") -> dict:
     """Run every size; returns ``{"sizes": [per-size dict], "batch_size": ..., "table": markdown}``."""
     with tempfile.TemporaryDirectory(prefix="tailrec-bench-") as tmp:
         work = Path(out_dir) if out_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = [bench_size(work, n, batch_size, seed) for n in sizes]
-    return {"sizes": results, "batch_size": batch_size, "table": format_table(results, batch_size)}
+        results = [bench_size(work, n, batch_size, seed, mode) for n in sizes]
+    return {"sizes": results, "batch_size": batch_size, "mode": mode, "table": format_table(results, batch_size)}
 
 
 def format_table(results: list[dict], batch_size: int) -> str:
@@ -128,10 +129,11 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="1000000,3000000", help="comma-separated raw row counts")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", choices=("vocab", "hash"), default="vocab", help="Criteo id mapping")
     p.add_argument("--json", help="also write the numbers to this file")
     a = p.parse_args(argv)
     sizes = tuple(int(s) for s in a.sizes.split(","))
-    res = bench_data(a.out, sizes, a.batch_size, a.seed)
+    res = bench_data(a.out, sizes, a.batch_size, a.seed, a.mode)
     print(res["table"])
     if a.json:
         Path(a.json).write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2) + "\n")
