@@ -41,6 +41,7 @@ class TrainState:
     best: dict = field(default_factory=dict)      # {"epoch", "step", "valid", "test"} at best valid AUC
     bad_evals: int = 0
     history: list = field(default_factory=list)   # one entry per evaluation
+    train_seconds: float = 0.0   # wall time inside training steps (excludes eval and checkpoints)
     done: bool = False           # early stopping fired (max_steps is not persisted: a resumed run may go further)
 
 
@@ -151,8 +152,12 @@ class Trainer:
         driver = make_driver(self.cfg.train.pipeline, self.dmp, self.optimizer, self.env.device)
         set_optimizer_step(self.dmp, self.state.step)
         self.dmp.train()
+        t0, s0 = time.perf_counter(), self.state.step
         completed = self._run_steps(driver, it, len(loader))
         driver.detach()
+        self.state.train_seconds += time.perf_counter() - t0
+        log.info("epoch %d: %d steps in %.1fs (%.1f ms/step)", self.state.epoch, self.state.step - s0,
+                 time.perf_counter() - t0, 1000 * (time.perf_counter() - t0) / max(1, self.state.step - s0))
         return completed
 
     def _run_steps(self, driver, it: TimedIterator, total: int) -> bool:
@@ -219,8 +224,12 @@ class Trainer:
         log.info("eval step %d: valid auc %.4f test auc %.4f", self.state.step, auc, test["all"]["auc"])
 
     def results(self) -> dict:
-        return {"best": self.state.best, "history": self.state.history, "steps": self.state.step,
-                "plan": self.plan_text}
+        st = self.state
+        return {"best": st.best, "history": st.history, "steps": st.step, "train_seconds": st.train_seconds,
+                "ms_per_step": 1000 * st.train_seconds / max(1, st.step),
+                "examples_per_second": st.step * self.cfg.data.batch_size * self.env.world_size
+                / max(st.train_seconds, 1e-9),
+                "world_size": self.env.world_size, "plan": self.plan_text}
 
 
 class _NoBar:
