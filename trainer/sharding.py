@@ -68,8 +68,9 @@ def table_optimizer_kwargs(opt_cfg: Any) -> Optional[Dict[str, Any]]:
     return fbgemm.fused_params(opt_cfg)
 
 
-def _constraints(emb_cfg: Any, tables: List[EmbeddingBagConfig]) -> Dict[str, ParameterConstraints]:
-    out = {}
+def _constraints(emb_cfg: Any, tables: List[EmbeddingBagConfig],
+                 extra: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, ParameterConstraints]:
+    out, extra = {}, extra or {}
     for t in tables:
         _, st, opt = emb_cfg.for_table(t.name)
         if opt.name in fbgemm.DENSE_OPTIMIZERS:
@@ -80,7 +81,8 @@ def _constraints(emb_cfg: Any, tables: List[EmbeddingBagConfig]) -> Dict[str, Pa
                              "(use table_wise/row_wise/column_wise, or dense_adam)")
         if opt.name in STEP_RULES and opt.lexico and st == "column_wise":
             raise ValueError(f"table {t.name}: lexico needs full-row norms; column_wise splits rows")
-        out[t.name] = ParameterConstraints(sharding_types=[st], compute_kernels=[emb_cfg.compute_kernel])
+        out[t.name] = ParameterConstraints(sharding_types=[st], compute_kernels=[emb_cfg.compute_kernel],
+                                           **extra.get(t.name, {}))
     return out
 
 
@@ -108,15 +110,17 @@ def _apply_table_optimizers(model: nn.Module, emb_cfg: Any, tables: List[Embeddi
 
 
 def shard_model(model: nn.Module, emb_cfg: Any, tables: List[EmbeddingBagConfig],
-                pg: Optional[dist.ProcessGroup], device: torch.device) -> ShardResult:
-    """Shard `model` (built on meta) over `pg`; `emb_cfg` is trainer.config.EmbeddingConfig."""
+                pg: Optional[dist.ProcessGroup], device: torch.device,
+                extra_constraints: Optional[Dict[str, Dict[str, Any]]] = None) -> ShardResult:
+    """Shard `model` (built on meta) over `pg`; `emb_cfg` is trainer.config.EmbeddingConfig.
+    `extra_constraints`: optional per-table ParameterConstraints fields (e.g. min_partition)."""
     pg = pg or dist.group.WORLD
     chosen = _apply_table_optimizers(model, emb_cfg, tables)
     sharder = AllShardingsSharder(fused_params={"optimizer": fbgemm._TYPES["exact_sgd"],
                                                 "learning_rate": float(emb_cfg.optimizer.lr)})
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=dist.get_world_size(pg), compute_device=device.type),
-        constraints=_constraints(emb_cfg, tables),
+        constraints=_constraints(emb_cfg, tables, extra_constraints),
     )
     plan = planner.collective_plan(model, [sharder], pg)
     with tailrec_kernels():

@@ -45,6 +45,8 @@ def test_our_kernel_matches_reference(results, sharding):
         assert r[f"w_err_weighted{w}"] < TOL and r[f"state_err_weighted{w}"] < TOL
         assert r[f"moved_weighted{w}"] > 0.05  # the steps did something
     assert sharding in r["plan_text"] and "cfsgd" in r["plan_text"]
+    if sharding == "column_wise":  # t2 really split: one 32-column shard per rank
+        assert len({p for _, p in r["t2_shards"]}) == 2, r["t2_shards"]
 
 
 @pytest.mark.slow

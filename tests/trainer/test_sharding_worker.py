@@ -93,9 +93,9 @@ def opt_state_of(dmp, tables, key):
     return out
 
 
-def build(tables, emb_cfg, weighted):
-    res = shard_model(Wrapper(tables, weighted), emb_cfg, tables, dist.group.WORLD, torch.device("cpu"))
-    return res
+def build(tables, emb_cfg, weighted, extra=None):
+    return shard_model(Wrapper(tables, weighted), emb_cfg, tables, dist.group.WORLD, torch.device("cpu"),
+                       extra_constraints=extra)
 
 
 def train(dmp, tables, steps, weighted, seed, coef, start=0, lexico=False):
@@ -207,9 +207,12 @@ def run_ours(sharding: str) -> Dict[str, float]:
     cfg = emb_config(opts, sharding)
     out = {}
     for weighted in (False, True):
-        res = build(tables, cfg, weighted)
+        # column_wise: force t2 (dim 64) into 2 column shards of 32, one per rank
+        res = build(tables, cfg, weighted, extra={"t2": {"min_partition": 32}} if sharding == "column_wise" else None)
         W0 = weights_of(res.dmp, tables)
         train(res.dmp, tables, 4, weighted, seed=1, coef={})
+        out["t2_shards"] = [(list(s.shard_offsets), str(s.placement))
+                            for s in res.plan.plan["ebc"]["t2"].sharding_spec.shards]
         W1, C1 = weights_of(res.dmp, tables), opt_state_of(res.dmp, tables, "momentum1")
         Wr, Sr = reference(tables, cfg, W0, 4, dist.get_world_size(), weighted, 1, {})
         out[f"w_err_weighted{int(weighted)}"] = max((W1[n].double() - Wr[n]).abs().max().item() for n in Wr)
