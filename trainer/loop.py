@@ -110,6 +110,10 @@ class Trainer:
         path = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
         if path is None:
             return False
+        self.load_checkpoint(path)
+        return True
+
+    def load_checkpoint(self, path: Path) -> None:
         self.optimizer.init_state()  # materialise Adam state so DCP can load into it
         st = self._app_state()
         meta = self.checkpointer.load(path, st)
@@ -123,8 +127,8 @@ class Trainer:
             self.state.step_in_epoch = self.state.step_in_epoch * saved_world // self.env.world_size
             torch.manual_seed(self.cfg.train.seed * 1000 + self.env.rank + self.state.step)
         set_optimizer_step(self.dmp, self.state.step)
-        log.info("resumed from %s at epoch %d step %d", path, self.state.epoch, self.state.step)
-        return True
+        log.info("loaded %s: epoch %d step %d (saved by %d ranks)", path, self.state.epoch, self.state.step,
+                 saved_world)
 
     # ---------------------------------------------------------------- training
     def train(self) -> dict:
