@@ -253,3 +253,15 @@ def test_break_and_close_stop_thread(ds):
     loader.close()
     assert not _loader_threads()
     assert loader.state_dict()["batches_yielded"] == 2   # iterating again continues the position
+
+
+def test_bench_read_helpers(ds):
+    """The data bench's timing helpers run on a converted-layout dataset (conversion itself is not run here)."""
+    from data.bench import format_table, loader_read, plain_read
+    root, n = ds
+    plain = plain_read(root, 4, repeats=1)
+    two = loader_read(root, 4, world=2, repeats=1)
+    assert plain["batches_per_s"] > 0 and two["batches_per_rank"] == n // 2 // 4
+    row = {"rows": n, "generate_rows_per_s": 1.0, "convert_rows_per_s": 1.0, "convert_peak_rss_mib": 1.0,
+           "train_rows": n, "plain": plain, "loader": {1: two, 2: two}}
+    assert format_table([row], 4).count("\n") == 4
