@@ -172,6 +172,9 @@ class TransferConfig:
     eta_quantile: float = 0.2          # selective target domain threshold quantile
     frage_lr: float = 0.02
     mmd_sigma_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # planted.json of a generated dataset (data.generate): also report metrics on the examples whose
+    # data.bucket_feature id is a planted twin / loner / other (eval groups; works in any mode)
+    eval_groups: str = ""
 
     def validate(self, where: str) -> None:
         _choice(where, "mode", self.mode, TRANSFER_MODES)

@@ -28,12 +28,14 @@ def binary_metrics(p: np.ndarray, y: np.ndarray) -> dict:
     return out | {"auc": auc, "logloss": ll, "ne": ll / h}
 
 
-def bucketed_metrics(p: np.ndarray, y: np.ndarray, bucket: np.ndarray | None) -> dict:
+def bucketed_metrics(p: np.ndarray, y: np.ndarray, bucket: np.ndarray | None,
+                     group: np.ndarray | None = None, group_names: tuple[str, ...] = ()) -> dict:
     res = {"all": binary_metrics(p, y)}
-    if bucket is not None:
-        for b, name in enumerate(BUCKETS):
-            m = bucket == b
-            res[name] = binary_metrics(p[m], y[m])
+    for arr, names in ((bucket, BUCKETS), (group, group_names)):
+        if arr is not None:
+            for b, name in enumerate(names):
+                m = arr == b
+                res[name] = binary_metrics(p[m], y[m])
     return res
 
 
@@ -65,8 +67,12 @@ def _feature_ids(kjt, feature: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, bucket_of_id: np.ndarray | None = None,
-             bucket_feature: str = "", progress=None) -> dict:
-    """Run the TrainModule-style ``model(batch) -> (loss, (loss, logits, labels))`` over ``loader``."""
+             bucket_feature: str = "", progress=None, group_of_id: np.ndarray | None = None,
+             group_names: tuple[str, ...] = ("twin", "loner", "other")) -> dict:
+    """Run the TrainModule-style ``model(batch) -> (loss, (loss, logits, labels))`` over ``loader``.
+
+    ``group_of_id``: optional second id -> group map on ``bucket_feature`` (e.g. planted twins /
+    loners / others), reported next to the head/torso/tail buckets under ``group_names``."""
     was_training = model.training
     model.eval()
     preds, labels, ids = [], [], []
@@ -77,13 +83,14 @@ def evaluate(model, loader, device: torch.device, bucket_of_id: np.ndarray | Non
         keep = slice(None) if w is None else w > 0
         preds.append(torch.sigmoid(logits.float())[keep])
         labels.append(y.float()[keep])
-        if bucket_of_id is not None:
+        if bucket_of_id is not None or group_of_id is not None:
             ids.append(_feature_ids(batch.sparse_features, bucket_feature)[keep])
     model.train(was_training)
     p = gather_1d(torch.cat(preds) if preds else torch.zeros(0, device=device)).cpu().numpy()
     y = gather_1d(torch.cat(labels) if labels else torch.zeros(0, device=device)).cpu().numpy()
-    bucket = None
-    if bucket_of_id is not None:
+    bucket = group = None
+    if bucket_of_id is not None or group_of_id is not None:
         i = gather_1d(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)).cpu().numpy()
-        bucket = bucket_of_id[i]
-    return bucketed_metrics(p, y, bucket)
+        bucket = bucket_of_id[i] if bucket_of_id is not None else None
+        group = group_of_id[i] if group_of_id is not None else None
+    return bucketed_metrics(p, y, bucket, group, group_names)

@@ -1,0 +1,291 @@
+"""Harmless transfer in the trainer: domains, shadow features, per-table masks, metrics, checkpoint state.
+
+Modes (``transfer.mode``, ALGORITHMS.md s3-5):
+
+==========  =============================  ======================================  ===============
+mode        target domain                  how h (transfer gradient) is applied     optimizer
+==========  =============================  ======================================  ===============
+baseline    -                              no transfer, no shadow features          any
+plus_t      T (all non-source seen ids)    main + ``transfer.weight`` * l_tr        any (FBGEMM too)
+select      T'_eta (selective domain)      main + ``transfer.weight`` * l_tr        any
+lexico      T                              kernel: d_i = h_i + lambda_i g_i         ours, lexico
+both        T'_eta                         kernel: d_i = h_i + lambda_i g_i         ours, lexico
+==========  =============================  ======================================  ===============
+
+Source S = the top ``source_frac`` of the feature's seen train ids by count (``data.selective``).
+
+**Shadow features.** Each transfer feature ``f`` (single-valued, e.g. ``movie_id``) gets a second
+feature ``f__shadow`` on the same table. ``ShadowBatches`` appends it to every batch's KJT before the
+pipeline: in training it holds the values of ``f`` that are in the target domain (other examples get an
+empty bag), in evaluation it is empty. The transfer loss is computed on the shadow's pooled rows (one
+row per unique target id of the batch), so its gradient reaches the kernel only through the shadow
+lookups: our kernel separates g (ordinary features) from h (shadow features) per row at the owner
+rank; FBGEMM kernels just add both. Source rows come from ``f``'s own pooled output, detached.
+Transfer rows are a subset of the batch's ids (ALGORITHMS.md s3 edge case 1).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from trainer.config import OUR_OPTIMIZERS, Config, TableConfig
+from trainer.config_base import ConfigError
+
+log = logging.getLogger("tailrec.transfer")
+
+SHADOW_SUFFIX = "__shadow"
+LEXICO_MODES = ("lexico", "both")
+SELECT_MODES = ("select", "both")
+
+
+def shadow_name(feature: str) -> str:
+    return feature + SHADOW_SUFFIX
+
+
+def is_active(cfg: Config) -> bool:
+    return cfg.transfer.mode != "baseline"
+
+
+def prepare_config(cfg: Config) -> None:
+    """Validate the transfer settings and switch lexico on for the transfer tables (in place).
+
+    lexico/both need our kernel (cfsgd / rowwise_adagrad) on every transfer table; the table gets a
+    copy of its optimizer config with ``lexico=True``. Other modes force ``lexico=False`` on them.
+    """
+    t = cfg.transfer
+    t.validate("transfer")
+    if not is_active(cfg):
+        return
+    if not t.features:
+        raise ConfigError(f"transfer.mode={t.mode} needs transfer.features (e.g. [movie_id])")
+    for f in t.features:
+        opt = cfg.embedding.for_table(f)[2]
+        want = t.mode in LEXICO_MODES
+        if want and opt.name not in OUR_OPTIMIZERS:
+            raise ConfigError(f"transfer.mode={t.mode}: table {f} needs one of our kernels "
+                              f"{list(OUR_OPTIMIZERS)} (embedding.optimizer.name), not {opt.name}")
+        if opt.lexico != want:
+            tc = copy.deepcopy(cfg.embedding.tables.get(f, TableConfig()))
+            tc.optimizer = replace(opt, lexico=want)
+            cfg.embedding.tables[f] = tc
+
+
+def table_feature_names(cfg: Config, feature: str) -> list[str]:
+    """Feature names of ``feature``'s table: itself, plus its shadow when it is a transfer feature."""
+    if is_active(cfg) and feature in cfg.transfer.features:
+        return [feature, shadow_name(feature)]
+    return [feature]
+
+
+@dataclass
+class FeatureDomain:
+    feature: str
+    factor_dim: int                 # columns the transfer loss sees ([:dim]; FM/DeepFM tables are wider)
+    is_source: torch.Tensor         # bool [num_embeddings]
+    in_target: torch.Tensor         # bool [num_embeddings]: T, or T'_eta for select/both
+    summary: dict = field(default_factory=dict)
+
+
+def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict[str, int]) -> dict[str, FeatureDomain]:
+    """Source / target masks per transfer feature from the dataset's train statistics."""
+    from data.selective import selective_target_domain
+
+    t, out = cfg.transfer, {}
+    for f in t.features:
+        t0 = time.perf_counter()
+        dom = selective_target_domain(cfg.data.path, f, t.source_frac, t.eta_quantile)
+        n = num_embeddings[f]
+        is_source = torch.zeros(n, dtype=torch.bool)
+        is_source[torch.from_numpy(dom.source_ids)] = True
+        in_target = torch.zeros(n, dtype=torch.bool)
+        tgt = dom.kept_ids if t.mode in SELECT_MODES else dom.target_ids
+        in_target[torch.from_numpy(tgt)] = True
+        summ = {k: (float(v) if isinstance(v, float) else int(v)) for k, v in dom.summary().items()}
+        summ["target_used"] = int(len(tgt))
+        summ["selective"] = t.mode in SELECT_MODES
+        log.info("transfer domain %s: source %d, target %d, T'_eta kept %d dropped %d (eta %.4f)%s; %.2fs",
+                 f, summ["source"], summ["target"], summ["kept"], summ["dropped"], summ["eta"],
+                 " [selective: using T'_eta]" if summ["selective"] else " [using all of T]",
+                 time.perf_counter() - t0)
+        out[f] = FeatureDomain(f, factor_dims[f], is_source, in_target, summ)
+    return out
+
+
+# ------------------------------------------------------------------------------ batches
+def _kjt_with_shadows(kjt: KeyedJaggedTensor, domains: dict[str, FeatureDomain], train: bool) -> KeyedJaggedTensor:
+    keys = list(kjt.keys())
+    lengths, values = [kjt.lengths()], [kjt.values()]
+    weights = kjt.weights_or_none()
+    if weights is not None:
+        raise ValueError("shadow features do not support weighted KJTs")
+    b = kjt.stride()
+    for f, dom in domains.items():
+        if train:
+            jt = kjt[f]
+            ln, v = jt.lengths(), jt.values()
+            if bool((ln > 1).any()):
+                raise ValueError(f"transfer feature {f!r} must be single-valued (one id per example)")
+            keep = dom.in_target[v.long()]
+            ex = torch.repeat_interleave(torch.arange(b), ln.long())
+            sl = torch.zeros(b, dtype=ln.dtype)
+            sl.index_add_(0, ex[keep], torch.ones(int(keep.sum()), dtype=ln.dtype))
+            lengths.append(sl)
+            values.append(v[keep])
+        else:
+            lengths.append(torch.zeros(b, dtype=kjt.lengths().dtype))
+        keys.append(shadow_name(f))
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=b)
+
+
+class ShadowBatches:
+    """Wraps a batch iterator/iterable: appends the shadow features to each batch's KJT (on CPU,
+    before the pipeline copies it). ``train=False`` (evaluation): empty shadow bags, so the sharded
+    EBC sees the feature set it was built with and no transfer rows are looked up."""
+
+    def __init__(self, source, domains: dict[str, FeatureDomain], train: bool):
+        self.source, self.domains, self.train = source, domains, train
+
+    def __iter__(self):
+        for batch in self.source:
+            yield self.wrap(batch)
+
+    def __len__(self):
+        return len(self.source)
+
+    def wrap(self, batch):
+        from dataclasses import replace as dc_replace
+
+        return dc_replace(batch, sparse_features=_kjt_with_shadows(batch.sparse_features, self.domains, self.train))
+
+    def __getattr__(self, name):   # set_epoch, state_dict, num_batches ... of the wrapped loader
+        return getattr(self.source, name)
+
+
+# ------------------------------------------------------------------------------ runtime
+class TransferRuntime:
+    """Everything the trainer needs for a transfer run (``None`` for baseline runs)."""
+
+    def __init__(self, cfg: Config, domains: dict[str, FeatureDomain], device: torch.device):
+        from trainer.optim.transfer import build_transfer_loss
+
+        self.cfg, self.domains, self.device = cfg, domains, device
+        t = cfg.transfer
+        self.mode = t.mode
+        self.lexico = t.mode in LEXICO_MODES
+        self.coef = 1.0 if self.lexico else float(t.weight)
+        self.losses = {f: build_transfer_loss(t, d.factor_dim, device, seed=cfg.train.seed)
+                       for f, d in domains.items()}
+        for d in domains.values():
+            d.is_source = d.is_source.to(device)
+        self._acc: dict[str, dict[str, list[float]]] = {}
+        self.dmp = None
+
+    # -- wiring
+    def attach(self, dmp) -> None:
+        self.dmp = dmp
+
+    def wrap(self, source, train: bool):
+        return ShadowBatches(source, self.domains, train)
+
+    # -- per step
+    def after_step(self, step: int, stats_every: int = 10) -> None:
+        for f, lm in self.losses.items():
+            lm.after_step()
+            acc = self._acc.setdefault(f, {})
+            for k, v in lm.metrics().items():
+                if not math.isnan(v):
+                    acc.setdefault(k, []).append(v)
+        if self.lexico and self.dmp is not None and step % stats_every == 0:
+            from trainer.sharding import kernel_stats
+
+            for table, st in kernel_stats(self.dmp).items():
+                if table not in self.domains:
+                    continue
+                acc = self._acc.setdefault(table, {})
+                for k, v in st.items():
+                    if k.startswith("lambda_"):
+                        acc.setdefault(k, []).append(v)
+
+    def flush_metrics(self) -> dict:
+        """Means of the per-step metrics since the last flush, per table (+ domain sizes)."""
+        out = {}
+        for f, d in self.domains.items():
+            acc = self._acc.get(f, {})
+            out[f] = {k: float(np.mean(v)) for k, v in acc.items() if v} | {"domain": dict(d.summary)}
+        self._acc = {}
+        return out
+
+    def last_metrics(self) -> dict[str, dict[str, float]]:
+        return {f: lm.metrics() for f, lm in self.losses.items()}
+
+    # -- checkpoint (FRAGE discriminators; replicated plain tensors, DCP-friendly)
+    def app_state(self) -> dict:
+        out = {}
+        for f, lm in self.losses.items():
+            if self.cfg.transfer.loss == "frage":
+                sd = {k: v for k, v in lm.discriminator.state_dict().items()}
+                sd["d_steps"] = torch.tensor(lm.d_steps, dtype=torch.int64)
+                out[f] = sd
+        return out
+
+    def load_app_state(self, st: dict) -> None:
+        for f, sd in st.items():
+            lm = self.losses[f]
+            sd = dict(sd)
+            lm.d_steps = int(sd.pop("d_steps"))
+            lm.discriminator.load_state_dict(sd)
+
+
+def build_runtime(cfg: Config, tables, device: torch.device) -> TransferRuntime | None:
+    if not is_active(cfg):
+        return None
+    from models import extra_dims
+
+    extra = extra_dims(cfg.model.name)
+    factor = {t.name: t.embedding_dim - extra for t in tables}
+    nume = {t.name: t.num_embeddings for t in tables}
+    missing = [f for f in cfg.transfer.features if f not in factor]
+    if missing:
+        raise ConfigError(f"transfer.features {missing} are not tables of this run ({sorted(factor)})")
+    return TransferRuntime(cfg, build_domains(cfg, factor, nume), device)
+
+
+# ------------------------------------------------------------------------------ eval groups
+GROUP_NAMES = ("twin", "loner", "other")
+
+
+def planted_groups(dataset_dir: str | Path, feature: str, planted_json: str | Path) -> np.ndarray:
+    """id -> group (0 twin, 1 loner, 2 other) from the generator's planted.json (raw movie ids),
+    through the dataset's vocabulary (dense id -> raw value)."""
+    import json
+
+    from data.writer import load_vocab
+
+    p = json.loads(Path(planted_json).read_text())
+    vocab = load_vocab(dataset_dir, feature)
+    twins = {str(t) for t, _ in p["twins"]}
+    loners = {str(m) for m in p["loners"]}
+    out = np.full(len(vocab), 2, dtype=np.int8)
+    for i, v in enumerate(vocab):
+        if v in twins:
+            out[i] = 0
+        elif v in loners:
+            out[i] = 1
+    return out
+
+
+def eval_groups(cfg: Config) -> np.ndarray | None:
+    """``transfer.eval_groups`` (planted.json) -> id -> group array on ``data.bucket_feature``, or None."""
+    if not cfg.transfer.eval_groups:
+        return None
+    if not cfg.data.bucket_feature:
+        raise ConfigError("transfer.eval_groups needs data.bucket_feature (the feature the planted ids belong to)")
+    return planted_groups(cfg.data.path, cfg.data.bucket_feature, cfg.transfer.eval_groups)
