@@ -27,6 +27,7 @@ from trainer.evaluate import evaluate
 from trainer.optimizers import build_dense_optimizer
 from trainer.pipeline import TimedIterator, make_driver
 from trainer.sharding import kernel_stats, set_optimizer_step, shard_model
+from trainer import transfer_setup
 from trainer.train_module import TrainModule
 
 log = logging.getLogger("tailrec.train")
@@ -54,7 +55,8 @@ def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[E
         if cfg.embedding.init_scale > 0:
             s = cfg.embedding.init_scale
             kw["init_fn"] = functools.partial(torch.nn.init.uniform_, a=-s, b=s)
-        tables.append(EmbeddingBagConfig(name=f, embedding_dim=dim + extra, feature_names=[f],
+        tables.append(EmbeddingBagConfig(name=f, embedding_dim=dim + extra,
+                                         feature_names=transfer_setup.table_feature_names(cfg, f),
                                          num_embeddings=manifest.feature(f).num_embeddings, **kw))
     return tables
 
@@ -65,16 +67,25 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.manifest = load_manifest(cfg.data.path)
         self.features = cfg.data.features or [f.name for f in self.manifest.sparse_features]
+        transfer_setup.prepare_config(cfg)   # lexico on for transfer tables in lexico/both modes
         self.tables = build_tables(cfg, self.manifest, self.features)
         model = build_model(cfg.model, self.tables, num_dense=len(self.manifest.dense_features),
                             feature_names=self.features, device="meta")
-        sharded = shard_model(TrainModule(model), cfg.embedding, self.tables, dist.group.WORLD, env.device)
+        train_module = TrainModule(model)
+        sharded = shard_model(train_module, cfg.embedding, self.tables, dist.group.WORLD, env.device)
         self.dmp, self.plan_text = sharded.dmp, sharded.plan_text
+        self.transfer = transfer_setup.build_runtime(cfg, self.tables, env.device)  # None: baseline
+        if self.transfer:
+            self.transfer.attach(self.dmp)
+            train_module.transfer.set_runtime(self.transfer)
         dense_emb_lr = {n: cfg.embedding.for_table(n.split("embedding_bags.")[1].rsplit(".", 1)[0])[2].lr
                         for n, _ in sharded.dense_emb_params}   # dense_adam tables: torch Adam at their lr
         self.optimizer = build_dense_optimizer(self.dmp, cfg.dense_optim, dense_emb_lr)
         self.loaders = {s: self._loader(s) for s in ("train", "valid", "test")}
+        if self.transfer:  # shadow features in every batch (empty outside training)
+            self.loaders = {s: self.transfer.wrap(ld, s == "train") for s, ld in self.loaders.items()}
         self.bucket_of_id = self._buckets()
+        self.group_of_id = transfer_setup.eval_groups(cfg)
         ck_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
         self.checkpointer = Checkpointer(ck_dir, env.rank, cfg.checkpoint.keep)
         self.state = TrainState()
@@ -96,8 +107,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _app_state(self) -> dict:
-        return {"model": self.dmp.state_dict(), "dense_optim": self.optimizer.state_dict(),
-                "fused_optim": self.dmp.fused_optimizer.state_dict()}
+        st = {"model": self.dmp.state_dict(), "dense_optim": self.optimizer.state_dict(),
+              "fused_optim": self.dmp.fused_optimizer.state_dict()}
+        if self.transfer and self.transfer.app_state():
+            st["transfer"] = self.transfer.app_state()   # FRAGE discriminators
+        return st
 
     def save_checkpoint(self) -> None:
         dur = self.checkpointer.save(self.state.step, self._app_state(), asdict(self.state) | {
@@ -120,6 +134,8 @@ class Trainer:
         self.dmp.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["dense_optim"])
         self.dmp.fused_optimizer.load_state_dict(st["fused_optim"])
+        if "transfer" in st:
+            self.transfer.load_app_state(st["transfer"])
         saved_world = meta.pop("world_size")
         meta.pop("config", None)
         self.state = TrainState(**meta)
@@ -182,6 +198,8 @@ class Trainer:
                 return True
             self.state.step += 1
             self.state.step_in_epoch += 1
+            if self.transfer:
+                self.transfer.after_step(self.state.step)   # FRAGE D step, transfer/lambda stats
             now = time.perf_counter()
             if self.metrics:
                 self.metrics.on_step(int(labels.numel()), now - t_last, it.wait_s - wait_last, float(loss),
@@ -208,11 +226,14 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     def evaluate_split(self, split: str) -> dict:
         return evaluate(self.dmp, self.loaders[split], self.env.device, self.bucket_of_id,
-                        self.cfg.data.bucket_feature)
+                        self.cfg.data.bucket_feature, group_of_id=self.group_of_id)
 
     def _evaluate_and_select(self) -> None:
         valid, test = self.evaluate_split("valid"), self.evaluate_split("test")
         entry = {"epoch": self.state.epoch, "step": self.state.step, "valid": valid, "test": test}
+        if self.transfer:
+            entry["transfer"] = self.transfer.flush_metrics()
+            log.info("transfer metrics: %s", entry["transfer"])
         self.state.history.append(entry)
         if self.metrics and self.env.is_main:
             for split, res in (("valid", valid), ("test", test)):
