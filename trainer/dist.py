@@ -45,8 +45,38 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistEnv:
         if "MASTER_ADDR" not in os.environ:  # single process started by hand
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = _restart_safe_store(timeout)
+        if store is not None:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return DistEnv(rank, world, local_rank, dev, backend)
+
+
+def _restart_safe_store(timeout: timedelta):
+    """A fresh key space in torchrun's shared TCPStore after an elastic restart (None: use env://).
+
+    torchrun (c10d rendezvous) shares its agent's TCPStore with the workers and keeps it across
+    ``--max-restarts`` restarts, but ``env://`` adds no per-attempt prefix (pytorch#135712): restarted
+    ranks read the previous attempt's gloo/NCCL addresses and fail with "connectFullMesh ... Connection
+    refused" until the restarts run out. On one node every worker gets the same
+    TORCHELASTIC_RESTART_COUNT from the one agent, so it is a safe prefix. Across nodes the agents'
+    counts can differ; there set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun instead.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt == 0:
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) != 1:
+        import logging
+
+        logging.getLogger("tailrec.dist").warning(
+            "elastic restart %d with torchrun's shared store across nodes: stale rendezvous keys may "
+            "break init; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", attempt)
+        return None
+    tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                        int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"tailrec/restart_{attempt}", tcp)
 
 
 def _free_port() -> int:
