@@ -70,17 +70,32 @@ class TransferTerm(nn.Module):
         return main if total is None else main + rt.coef * total
 
 
+class HeadCall(nn.Module):
+    """Leaf wrapper for ``model.head`` (the model is held unregistered; its parameters stay
+    registered under ``TrainModule.model``). Without it the pipeline's tracer traces the head's code,
+    and into the elements of ModuleLists (its leaf list only names direct children), which fails on
+    AutoInt's attention layers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "model", model)
+
+    def forward(self, dense: torch.Tensor, kt) -> torch.Tensor:
+        return self.model.head(dense, kt)
+
+
 class TrainModule(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.transfer = TransferTerm()
+        self.head = HeadCall(model)
 
     def forward(self, batch):
         kjt = batch.sparse_features
         kt = self.model.embed(kjt)
-        logits = self.model.head(batch.dense_features, kt)
+        logits = self.head(batch.dense_features, kt)
         main = self.loss_fn(logits, batch.labels)
         loss = self.transfer(main, kt, kjt)
         return loss, (main.detach(), logits.detach(), batch.labels)
