@@ -196,14 +196,15 @@ class TransferRuntime:
         return ShadowBatches(source, self.domains, train)
 
     # -- per step
-    def after_step(self, step: int, stats_every: int = 10) -> None:
+    def after_step(self, step: int, stats_every: int = 5) -> None:
         for f, lm in self.losses.items():
             lm.after_step()
             acc = self._acc.setdefault(f, {})
             for k, v in lm.metrics().items():
                 if not math.isnan(v):
                     acc.setdefault(k, []).append(v)
-        if self.lexico and self.dmp is not None and step % stats_every == 0:
+        fresh = not any(k.startswith("lambda_") for a in self._acc.values() for k in a)
+        if self.lexico and self.dmp is not None and (step % stats_every == 0 or fresh):
             from trainer.sharding import kernel_stats
 
             for table, st in kernel_stats(self.dmp).items():
