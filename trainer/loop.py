@@ -113,7 +113,19 @@ class Trainer:
             st["transfer"] = self.transfer.app_state()   # FRAGE discriminators
         return st
 
+    def _sync_replicated_buffers(self) -> None:
+        """BatchNorm running stats are per rank (DMP wraps DDP with broadcast_buffers=False) and DCP
+        saves one replica's copy, not necessarily rank 0's. Before eval and checkpoints every rank takes
+        rank 0's: eval then uses one set of statistics on every world size, and training is unaffected
+        (train-mode BatchNorm normalises with batch statistics; rank 0's own buffers never change here,
+        so a resumed run stays bit-identical to an uninterrupted one)."""
+        if self.env.world_size > 1:
+            for _, buf in self.dmp.named_buffers():
+                if type(buf) is torch.Tensor:
+                    dist.broadcast(buf, src=0)
+
     def save_checkpoint(self) -> None:
+        self._sync_replicated_buffers()
         dur = self.checkpointer.save(self.state.step, self._app_state(), asdict(self.state) | {
             "world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)})
         if self.metrics:
@@ -225,6 +237,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def evaluate_split(self, split: str) -> dict:
+        self._sync_replicated_buffers()
         return evaluate(self.dmp, self.loaders[split], self.env.device, self.bucket_of_id,
                         self.cfg.data.bucket_feature, group_of_id=self.group_of_id)
 
