@@ -46,12 +46,16 @@ class Combo:
 
     @property
     def group(self) -> tuple:           # what seeds are averaged over
-        return (self.model, self.optimizer, self.mode, self.weight)
+        return (self.model, self.opt_label, self.mode, self.weight)
+
+    @property
+    def opt_label(self) -> str:
+        return self.optimizer if self.lr is None else f"{self.optimizer}@{self.lr:g}"
 
     @property
     def name(self) -> str:
         w = "" if self.weight is None else f"-w{self.weight:g}"
-        return f"{self.model}-{self.optimizer}-{self.mode}{w}-s{self.seed}"
+        return f"{self.model}-{self.opt_label}-{self.mode}{w}-s{self.seed}"
 
     def overrides(self) -> list[str]:
         o = [f"--model.name={self.model}", f"--embedding.optimizer.name={self.optimizer}",
@@ -170,7 +174,7 @@ def summarize(combos: list[Combo], runs: dict[str, dict]) -> list[dict]:
     groups: dict[tuple, dict] = {}
     for c in combos:
         r = runs.get(c.name)
-        g = groups.setdefault(c.group, {"model": c.model, "optimizer": c.optimizer, "mode": c.mode,
+        g = groups.setdefault(c.group, {"model": c.model, "optimizer": c.opt_label, "mode": c.mode,
                                         "weight": c.weight, "seeds": [], "auc": {}, "logloss": {},
                                         "ms_per_step": [], "transfer": {}, "history": []})
         if r is None:

@@ -17,7 +17,7 @@ def test_expand_grid_weights_only_for_fixed_weight_modes():
     g = expand_grid(["baseline", "plus_t", "lexico"], ["cfsgd:0.1"], ["deepfm"], [0, 1], [0.01, 1.0])
     names = [c.name for c in g]
     assert len(g) == 2 + 4 + 2
-    assert "deepfm-cfsgd-plus_t-w0.01-s1" in names and "deepfm-cfsgd-lexico-s0" in names
+    assert "deepfm-cfsgd@0.1-plus_t-w0.01-s1" in names and "deepfm-cfsgd@0.1-lexico-s0" in names
     assert all(c.lr == 0.1 for c in g)
     c = Combo("autoint", "rowwise_adagrad", None, "both", None, 2)
     assert "--transfer.mode=both" in c.overrides() and "--train.seed=2" in c.overrides()
@@ -40,15 +40,15 @@ def test_tiny_grid_runs_resumes_and_reports(tiny_ml, tmp_path):
     first = _ablate(out, tiny_ml)
     assert "2 to run" in first.stdout
     res = {n: json.loads((out / "runs" / n / "results.json").read_text())
-           for n in ("deepfm-cfsgd-baseline-s0", "deepfm-cfsgd-lexico-s0")}
-    assert not (out / "runs" / "deepfm-cfsgd-baseline-s0" / "checkpoints").exists()
-    lex = res["deepfm-cfsgd-lexico-s0"]["best"]
+           for n in ("deepfm-cfsgd@0.1-baseline-s0", "deepfm-cfsgd@0.1-lexico-s0")}
+    assert not (out / "runs" / "deepfm-cfsgd@0.1-baseline-s0" / "checkpoints").exists()
+    lex = res["deepfm-cfsgd@0.1-lexico-s0"]["best"]
     assert "lambda_active_ratio" in lex["transfer"]["movie_id"]
     assert lex["transfer"]["movie_id"]["domain"]["target_used"] > 0
-    mtime = (out / "runs" / "deepfm-cfsgd-lexico-s0" / "results.json").stat().st_mtime
+    mtime = (out / "runs" / "deepfm-cfsgd@0.1-lexico-s0" / "results.json").stat().st_mtime
     second = _ablate(out, tiny_ml)
     assert "2 already done, 0 to run" in second.stdout
-    assert (out / "runs" / "deepfm-cfsgd-lexico-s0" / "results.json").stat().st_mtime == mtime
+    assert (out / "runs" / "deepfm-cfsgd@0.1-lexico-s0" / "results.json").stat().st_mtime == mtime
     readme = (out / "README.md").read_text()
     for name, r in res.items():
         auc = r["best"]["test"]["all"]["auc"]

@@ -1,0 +1,149 @@
+"""Harmless transfer in the trainer: shadow features, domains, the TransferTerm, config wiring, a real
+FRAGE run whose discriminator survives a resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from trainer.config import Config, TableConfig, EmbOptimConfig
+from trainer.config_base import ConfigError
+from trainer.train_module import TransferTerm, _first_rows
+from trainer.transfer_setup import (FeatureDomain, _kjt_with_shadows, planted_groups, prepare_config,
+                                    shadow_name, table_feature_names)
+from trainer_runner import results, run_trainer
+
+
+def _kjt():
+    # 4 examples; movie_id single-valued (example 2 has none), genres multi-valued
+    return KeyedJaggedTensor(keys=["movie_id", "genres"], values=torch.tensor([5, 1, 7, 3, 3, 4, 5]),
+                             lengths=torch.tensor([1, 1, 0, 1, 1, 2, 0, 1]), stride=4)
+
+
+def _domain(n=10):
+    is_source = torch.zeros(n, dtype=torch.bool)
+    is_source[[1, 3]] = True
+    in_target = torch.zeros(n, dtype=torch.bool)
+    in_target[[5, 7]] = True
+    return FeatureDomain("movie_id", 2, is_source, in_target)
+
+
+def test_shadow_feature_holds_target_ids_in_training_and_nothing_in_eval():
+    kjt = _kjt()
+    out = _kjt_with_shadows(kjt, {"movie_id": _domain()}, train=True)
+    assert out.keys() == ["movie_id", "genres", "movie_id__shadow"]
+    sh = out["movie_id__shadow"]
+    assert sh.lengths().tolist() == [1, 0, 0, 1] and sh.values().tolist() == [5, 7]
+    assert out["genres"].values().tolist() == kjt["genres"].values().tolist()
+    ev = _kjt_with_shadows(kjt, {"movie_id": _domain()}, train=False)
+    assert ev["movie_id__shadow"].lengths().tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="single-valued"):
+        _kjt_with_shadows(KeyedJaggedTensor(keys=["movie_id"], values=torch.tensor([5, 7]),
+                                            lengths=torch.tensor([2]), stride=1), {"movie_id": _domain()}, True)
+
+
+def test_first_rows():
+    uniq, first = _first_rows(torch.tensor([7, 3, 7, 9, 3]), torch.tensor([1, 0, 1, 1, 1, 1]))
+    assert uniq.tolist() == [3, 7, 9] and first.tolist() == [2, 0, 4]
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, src, tgt):
+        self.calls.append((src, tgt))
+        return (tgt ** 2).sum() + 0 * src.sum()
+
+
+class _RT:
+    def __init__(self, dom, coef):
+        self.domains, self.coef, self.lexico, self.dmp = {"movie_id": dom}, coef, False, None
+        self.losses = {"movie_id": _Recorder()}
+
+
+def test_transfer_term_uses_one_shadow_row_per_target_id_and_detached_source_rows():
+    dom = _domain()
+    kjt = _kjt_with_shadows(KeyedJaggedTensor(keys=["movie_id"], values=torch.tensor([5, 1, 5, 3, 7]),
+                                              lengths=torch.tensor([1, 1, 1, 1, 1]), stride=5),
+                            {"movie_id": dom}, train=True)
+    main_rows = torch.randn(5, 6, requires_grad=True)
+    shadow_rows = torch.randn(5, 6, requires_grad=True)
+    kt = KeyedTensor(keys=["movie_id", "movie_id__shadow"], length_per_key=[6, 6],
+                     values=torch.cat([main_rows, shadow_rows], 1))
+    term = TransferTerm()
+    rt = _RT(dom, coef=0.5)
+    term.set_runtime(rt)
+    term.train()
+    main = torch.tensor(1.0, requires_grad=True)
+    loss = term(main, kt, kjt)
+    src, tgt = rt.losses["movie_id"].calls[0]
+    assert tgt.shape == (2, 2) and src.shape == (2, 2)      # ids {5, 7} and {1, 3}; factor dim 2
+    assert not src.requires_grad
+    loss.backward()
+    # gradient reaches the shadow rows of the first example of each target id, factor columns only
+    nz = (shadow_rows.grad.abs().sum(1) > 0).tolist()
+    assert nz == [True, False, False, False, True]
+    assert float(shadow_rows.grad[:, 2:].abs().sum()) == 0.0
+    assert main_rows.grad is None or float(main_rows.grad.abs().sum()) == 0.0
+    torch.testing.assert_close(loss, main + 0.5 * (tgt ** 2).sum())
+    term.eval()
+    assert term(main, kt, kjt) is main
+
+
+def test_prepare_config_switches_lexico_per_transfer_table():
+    cfg = Config()
+    cfg.transfer.mode, cfg.transfer.features = "both", ["movie_id"]
+    cfg.embedding.optimizer = EmbOptimConfig(name="cfsgd", lr=1.0)
+    prepare_config(cfg)
+    assert cfg.embedding.for_table("movie_id")[2].lexico is True
+    assert cfg.embedding.for_table("user_id")[2].lexico is False
+    assert table_feature_names(cfg, "movie_id") == ["movie_id", shadow_name("movie_id")]
+    assert table_feature_names(cfg, "user_id") == ["user_id"]
+    bad = Config()
+    bad.transfer.mode, bad.transfer.features = "lexico", ["movie_id"]
+    with pytest.raises(ConfigError, match="needs one of our kernels"):
+        prepare_config(bad)                      # default optimizer is FBGEMM exact_sgd
+    plus = Config()
+    plus.transfer.mode, plus.transfer.features = "plus_t", ["movie_id"]
+    plus.embedding.tables["movie_id"] = TableConfig(optimizer=EmbOptimConfig(name="cfsgd", lexico=True))
+    prepare_config(plus)                         # +T never runs the lexico rule
+    assert plus.embedding.for_table("movie_id")[2].lexico is False
+    base = Config()
+    assert table_feature_names(base, "movie_id") == ["movie_id"]
+
+
+def test_planted_groups_map_raw_ids_through_the_vocabulary(tiny_ml):
+    planted = tiny_ml.parent / "raw" / "planted.json"
+    g = planted_groups(tiny_ml, "movie_id", planted)
+    from data.writer import load_vocab
+
+    vocab = load_vocab(tiny_ml, "movie_id")
+    p = json.loads(planted.read_text())
+    twins, loners = {str(t) for t, _ in p["twins"]}, {str(m) for m in p["loners"]}
+    for i, v in enumerate(vocab):
+        assert g[i] == (0 if v in twins else 1 if v in loners else 2)
+    assert (g == 0).sum() > 0 and (g == 1).sum() > 0
+
+
+def test_frage_select_run_reports_groups_and_resumes_discriminator(tiny_ml, tmp_path):
+    planted = tiny_ml.parent / "raw" / "planted.json"
+    args = ["--embedding.optimizer.name=cfsgd", "--embedding.optimizer.lr=1.0", "--transfer.mode=select",
+            "--transfer.loss=frage", "--transfer.features=[movie_id]", "--transfer.weight=0.1",
+            f"--transfer.eval_groups={planted}", "--train.epochs=1"]
+    run = tmp_path / "run"
+    run_trainer(run, tiny_ml, 1, *args, "--train.max_steps=3")
+    first = results(run)["history"][-1]["transfer"]["movie_id"]
+    assert first["domain"]["selective"] and first["domain"]["target_used"] == first["domain"]["kept"]
+    assert first["frage_d_steps"] == pytest.approx(2.0)          # mean of 1, 2, 3
+    assert 0.0 <= first["frage_d_acc"] <= 1.0
+    run_trainer(run, tiny_ml, 1, *args, "--train.max_steps=5")  # resumes from step 3
+    r = results(run)
+    assert r["steps"] == 5
+    assert r["history"][-1]["transfer"]["movie_id"]["frage_d_steps"] == pytest.approx(4.5)   # 4, 5: restored
+    for g in ("twin", "loner", "other", "tail"):
+        assert g in r["best"]["test"]
