@@ -126,10 +126,20 @@ def proc_env(pid: int) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
 
 
-def workers_by_rank(torchrun_pid: int) -> dict[int, int]:
-    """{global rank: pid} of the worker processes torchrun runs now (its children carrying RANK)."""
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def workers_by_rank(launcher_pid: int) -> dict[int, int]:
+    """{global rank: pid} of the torchrun workers below ``launcher_pid`` now (processes carrying RANK
+    and TORCHELASTIC_RUN_ID: torchrun itself, or the torchx CLI above bash above torchrun)."""
     out = {}
-    for pid in children(torchrun_pid):
+    for pid in descendants(launcher_pid):
         env = proc_env(pid)
         if "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
             out[int(env["RANK"])] = pid
@@ -288,4 +298,4 @@ def ops():
     """Helpers for real multi-rank runs (test files cannot import conftest under importlib mode)."""
     return SimpleNamespace(start_job=start_job, workers_by_rank=workers_by_rank, wait_for=wait_for,
                            latest_complete=latest_complete, http_get=http_get, report_dir=report_dir,
-                           children=children, free_port_block=free_port_block, RUN_ARGS=RUN_ARGS)
+                           children=children, descendants=descendants, free_port_block=free_port_block, RUN_ARGS=RUN_ARGS)
