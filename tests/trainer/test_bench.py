@@ -1,0 +1,51 @@
+"""``tailrec bench train`` in a tiny mode: real trainer processes, one table row per optimizer."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from trainer import bench
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    """Main table rows by optimizer: cells of `| model | ranks | optimizer | ... |`."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0] == "deepfm":
+            out[cells[2]] = cells
+    return out
+
+
+def _num(cell: str) -> float:
+    return float(cell.replace(",", "").split("/")[0])
+
+
+def test_bench_train_tiny(tmp_path, capsys):
+    rc = bench.main(["--rows", "5000", "--hash-size", "1000", "--eval-frac", "0.1", "--steps", "3", "--warmup", "1",
+                     "--batch", "256", "--eval-batch", "1024", "--models", "deepfm", "--ranks", "1",
+                     "--optimizers", "exact_sgd,cfsgd", "--work", str(tmp_path), "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = _rows(out)
+    assert set(rows) == {"exact_sgd", "cfsgd"}, out
+    for opt, cells in rows.items():
+        assert cells[1] == "1"
+        ms, ex_s, rss = _num(cells[3]), _num(cells[4]), _num(cells[5])
+        assert ms > 0 and ex_s > 0 and rss > 100, cells          # a torch process is > 100 MiB
+        assert ex_s == pytest.approx(256 / (ms / 1e3), rel=0.01)
+    # optimizer state: exact_sgd none; cfsgd 4 B/row x 26 tables x 1001 rows, formula == checkpoint
+    assert _num(rows["exact_sgd"][6]) == 0 and _num(rows["exact_sgd"][7]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    cf = next(r for r in data["results"] if r["optimizer"] == "cfsgd")
+    assert len(cf["checkpoint_state_bytes"]) == 26
+    assert all(b >= 4 * 1001 for b in cf["checkpoint_state_bytes"].values())
+    assert re.search(r"\| \*\*total\*\* \| 26,026 \| 0 \| 104,104", out), out   # per-table section
+
+
+def test_bench_train_rejects_unknown_optimizer(capsys):
+    assert bench.main(["--optimizers", "adam_typo"]) == 2
