@@ -77,6 +77,7 @@ CONFIG = "configs/movielens_deepfm.yaml"
 # 2 ranks x 128 = 256 examples per step, 39 steps per epoch on the tiny dataset: a 2-epoch run has
 # checkpoints at 10, 20, 30, 39 (epoch end), 40, 50, 60, 70, 78 and takes a few seconds of training.
 RUN_ARGS = ("--train.epochs=2", "--data.batch_size=128", "--data.eval_batch_size=1024",
+            "--embedding.tables.user_id.optimizer.name=cfsgd",   # our fused kernel: its state must resume too
             "--checkpoint.every_steps=10", "--train.log_every=5", "--train.device=cpu")
 
 
