@@ -47,7 +47,8 @@ def load_extension(verbose: bool = False) -> Any:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        tag = hashlib.sha1(CPP_SOURCE.encode()).hexdigest()[:10]
+        # keyed by the torch install too: two venvs sharing ~/.cache would otherwise rebuild each other's op
+        tag = hashlib.sha1((CPP_SOURCE + torch.__file__).encode()).hexdigest()[:10]
         root = os.environ.get("TAILREC_EXT_DIR", os.path.expanduser("~/.cache/tailrec_ext"))
         build = os.path.join(root, f"{torch.__version__}-{tag}")
         os.makedirs(build, exist_ok=True)
