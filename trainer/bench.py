@@ -46,13 +46,15 @@ OPTIMIZERS = ("exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "counter_sg
 # ---------------------------------------------------------------- worker (one rank of one configuration)
 
 class StepRecorder(NullMetrics):
-    """Metrics sink that records each training step's wall time (seconds)."""
+    """Metrics sink that records each training step's wall time and the process's CPU time (seconds)."""
 
     def __init__(self) -> None:
         self.step_seconds: List[float] = []
+        self.cpu_seconds: List[float] = []    # process CPU time (all threads) at the end of each step
 
     def on_step(self, examples, step_seconds, data_wait_seconds, loss, lr=None) -> None:
         self.step_seconds.append(float(step_seconds))
+        self.cpu_seconds.append(time.process_time())
 
 
 def _worker(argv: List[str]) -> int:
@@ -68,7 +70,7 @@ def _worker(argv: List[str]) -> int:
     train_mod._make_metrics = lambda cfg, env: rec   # the real trainer, our metrics sink
     res = train_mod.run(load_config(a.config, overrides))
     rank = int(os.environ.get("RANK", 0))
-    out = {"rank": rank, "step_seconds": rec.step_seconds,
+    out = {"rank": rank, "step_seconds": rec.step_seconds, "cpu_seconds": rec.cpu_seconds,
            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            "results": {k: res[k] for k in ("steps", "train_seconds", "ms_per_step", "examples_per_second",
                                            "world_size")}}
@@ -170,10 +172,13 @@ def run_config(model: str, ranks: int, optimizer: str, dataset: Path, work: Path
     steps = per_rank[0]["step_seconds"]
     timed = steps[a.warmup:] if len(steps) > a.warmup else steps
     step_s = sum(timed) / len(timed)
+    w = max(1, min(a.warmup, len(steps) - 1))   # CPU time is read at step ends: at least step 1 left out
+    cpu_ms = [1e3 * (r["cpu_seconds"][-1] - r["cpu_seconds"][w - 1]) / max(1, len(steps) - w) for r in per_rank]
     res = {"model": model, "ranks": ranks, "optimizer": optimizer, "wall_s": wall,
            "steps": len(steps), "timed_steps": len(timed), "ms_per_step": 1e3 * step_s,
            "examples_per_s": a.batch * ranks / step_s,
            "ms_per_step_all": per_rank[0]["results"]["ms_per_step"],
+           "cpu_ms_per_step": sum(cpu_ms) / len(cpu_ms),
            "peak_rss_mib": [r["max_rss_kib"] / 1024 for r in per_rank],
            "checkpoint_state_bytes": checkpoint_state_bytes(run_dir)}
     if not a.keep:
@@ -199,8 +204,8 @@ def _mib(b: float) -> str:
 
 def format_tables(results: List[dict], tables: Dict[str, int], base_dim: int) -> str:
     lines = ["| model | ranks | optimizer | ms/step | examples/s | peak RSS/rank MiB | opt-state MiB "
-             "(formula) | opt-state MiB (checkpoint) | ms/step incl. warm-up | ms/step of each round |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "(formula) | opt-state MiB (checkpoint) | ms/step incl. warm-up | ms/step of each round "
+             "| CPU ms/step/rank |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in results:
         dim = _dim(r["model"], base_dim)
         formula = sum(n * state_bytes(r["optimizer"], dim) for n in tables.values())
@@ -208,7 +213,8 @@ def format_tables(results: List[dict], tables: Dict[str, int], base_dim: int) ->
         lines.append(f"| {r['model']} | {r['ranks']} | {r['optimizer']} | {r['ms_per_step']:,.1f} "
                      f"| {r['examples_per_s']:,.0f} | {' / '.join(f'{x:,.0f}' for x in r['peak_rss_mib'])} "
                      f"| {_mib(formula)} | {_mib(ck)} | {r['ms_per_step_all']:,.1f} "
-                     f"| {', '.join(f'{x:,.0f}' for x in r.get('rounds_ms_per_step', [r['ms_per_step']]))} |")
+                     f"| {', '.join(f'{x:,.0f}' for x in r.get('rounds_ms_per_step', [r['ms_per_step']]))} "
+                     f"| {r.get('cpu_ms_per_step', float('nan')):,.0f} |")
     # per table, one representative case: the first model, every optimizer
     first = results[0]["model"]
     opts = list(dict.fromkeys(r["optimizer"] for r in results if r["model"] == first))

@@ -16,7 +16,7 @@ def _rows(text: str) -> dict[str, list[str]]:
     out = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[0] == "deepfm":
+        if len(cells) == 11 and cells[0] == "deepfm":
             out[cells[2]] = cells
     return out
 
