@@ -96,6 +96,8 @@ class TailrecTBE(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
         self._placeholder = torch.zeros(0, device=device, requires_grad=True)
+        if self._placeholder.device.type == "cpu":
+            load_extension()  # build/load the C++ op now, not inside the first (timed) training step
         self.main_loss: Optional[float] = None
         self.last_stats: Dict[str, Tensor] = {}
         self._meta: Optional[Dict[str, Tensor]] = None
