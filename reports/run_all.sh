@@ -22,7 +22,7 @@ $A --config configs/ablation_criteo_small.yaml --data runs/criteo_small/dataset 
    --title "Harmless-transfer ablation, shared Criteo rows, CF-SGD" --notes reports/notes/criteo.md
 # D. issue-4 optimizer quality comparison on ml-latest-small (baseline mode), two lrs for the FBGEMM rules
 $A --config configs/ablation_ml_latest.yaml --data runs/ml_latest/dataset --models deepfm --modes baseline \
-   --optimizers cfsgd:3,counter_sgd:3,exact_sgd:1,exact_sgd:10,exact_rowwise_adagrad:0.05,exact_rowwise_adagrad:0.2,dense_adam:0.001 \
+   --optimizers cfsgd:3,counter_sgd:3,exact_sgd:10,exact_rowwise_adagrad:0.05,dense_adam:0.001 \
    --out reports/optimizers_ml_latest --title "Embedding optimizers, ml-latest-small, DeepFM, baseline mode" \
    --notes reports/notes/optimizers.md
 # E. lexico with the h-clip of ALGORITHMS.md s8 (||h_i|| <= 1 * ||g_i||) on the planted data
