@@ -238,8 +238,13 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     def evaluate_split(self, split: str) -> dict:
         self._sync_replicated_buffers()
+        bar = None
+        if self.env.is_main:
+            from tqdm import tqdm
+
+            bar = functools.partial(tqdm, desc=f"eval {split}", unit="batch", leave=False, mininterval=2.0)
         return evaluate(self.dmp, self.loaders[split], self.env.device, self.bucket_of_id,
-                        self.cfg.data.bucket_feature, group_of_id=self.group_of_id)
+                        self.cfg.data.bucket_feature, progress=bar, group_of_id=self.group_of_id)
 
     def _evaluate_and_select(self) -> None:
         valid, test = self.evaluate_split("valid"), self.evaluate_split("test")
