@@ -38,6 +38,14 @@ def _panels(rows: list[dict]) -> dict[tuple, list[dict]]:
     return by
 
 
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return path
+
+
 def auc_vs_epoch(out: Path, rows: list[dict]) -> Path | None:
     panels = _panels(rows)
     if not panels:
@@ -57,11 +65,7 @@ def auc_vs_epoch(out: Path, rows: list[dict]) -> Path | None:
         ax.set_ylabel("test AUC (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "auc_vs_epoch.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    return _save(fig, out / "auc_vs_epoch.png")
 
 
 def bucket_bars(out: Path, rows: list[dict], buckets: tuple[str, ...], name: str, title: str) -> Path | None:
@@ -85,11 +89,7 @@ def bucket_bars(out: Path, rows: list[dict], buckets: tuple[str, ...], name: str
         ax.set_title(f"{model} / {opt}: {title}")
         ax.set_ylabel("test AUC (mean ± std over seeds)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / f"{name}.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    return _save(fig, out / f"{name}.png")
 
 
 def lambda_grid(out: Path, rows: list[dict], feature_key: str = "transfer_loss") -> Path | None:
@@ -119,11 +119,7 @@ def lambda_grid(out: Path, rows: list[dict], feature_key: str = "transfer_loss")
         ax.set_title(f"{model} / {opt}: transfer loss vs AUC")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "lambda_grid.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return p
+    return _save(fig, out / "lambda_grid.png")
 
 
 def make_all(out: Path, rows: list[dict]) -> list[Path]:

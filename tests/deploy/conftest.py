@@ -266,15 +266,9 @@ def report_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """A tiny generated MovieLens-format dataset, converted (train/valid/test + stats)."""
-    from data.convert import convert_movielens
-    from data.generate import generate_movielens
-
-    root = tmp_path_factory.mktemp("ops_ds")
-    generate_movielens(root / "raw", rows=16000, seed=3, users=800, movies=600)
-    convert_movielens(root / "raw", root / "dataset")
-    return root / "dataset"
+def tiny_dataset(tiny_ml) -> Path:
+    """The shared tiny generated MovieLens-format dataset (tests/conftest.py)."""
+    return tiny_ml
 
 
 @pytest.fixture(scope="session")

@@ -4,18 +4,4 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-@pytest.fixture(scope="session")
-def tiny_ml(tmp_path_factory) -> Path:
-    """A tiny generated MovieLens-1M-format dataset, converted (train/valid/test + stats)."""
-    from data.convert import convert_movielens
-    from data.generate import generate_movielens
-
-    root = tmp_path_factory.mktemp("tiny_ml")
-    generate_movielens(root / "raw", rows=16000, seed=3, users=800, movies=600)
-    convert_movielens(root / "raw", root / "dataset")
-    return root / "dataset"

@@ -1,0 +1,18 @@
+"""Fixtures shared by every test folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_ml(tmp_path_factory) -> Path:
+    """A tiny generated MovieLens-1M-format dataset, converted (train/valid/test + stats); built once."""
+    from data.convert import convert_movielens
+    from data.generate import generate_movielens
+
+    root = tmp_path_factory.mktemp("tiny_ml")
+    generate_movielens(root / "raw", rows=16000, seed=3, users=800, movies=600)
+    convert_movielens(root / "raw", root / "dataset")
+    return root / "dataset"
