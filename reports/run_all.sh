@@ -17,7 +17,7 @@ $A --config configs/ablation_ml_latest.yaml --data runs/ml_latest/dataset --mode
    --modes baseline,plus_t,select,lexico,both --out reports/ablation_ml_latest \
    --title "Harmless-transfer ablation, ml-latest-small, CF-SGD" --notes reports/notes/ml_latest.md
 # C. shared Criteo rows (1,576 train rows), CF-SGD, DeepFM and AutoInt
-$A --config configs/ablation_criteo_small.yaml --data runs/criteo_small/dataset --models deepfm,autoint --optimizers cfsgd:1 \
+$A --config configs/ablation_criteo_small.yaml --data runs/criteo_small/dataset --models deepfm,autoint --optimizers cfsgd:1,cfsgd:0.1 \
    --modes baseline,plus_t,select,lexico,both --out reports/ablation_criteo_small \
    --title "Harmless-transfer ablation, shared Criteo rows, CF-SGD" --notes reports/notes/criteo.md
 # D. issue-4 optimizer quality comparison on ml-latest-small (baseline mode), two lrs for the FBGEMM rules
@@ -36,4 +36,4 @@ $A --config configs/ablation_ml_latest.yaml --data runs/ml_latest/dataset --mode
 # G. generated data, AutoInt (1 epoch: AutoInt costs ~170 ms/step here)
 $A --config configs/ablation_generated.yaml --data runs/demo/dataset --models autoint --optimizers cfsgd:3 \
    --modes baseline,plus_t,select,lexico,both --out reports/ablation_generated_autoint --train.epochs=1 \
-   --title "Harmless-transfer ablation, generated data, AutoInt + CF-SGD (1 epoch)" --notes reports/notes/planted.md
+   --title "Harmless-transfer ablation, generated data, AutoInt + CF-SGD (1 epoch)" --notes reports/notes/planted_autoint.md
