@@ -43,6 +43,16 @@ def test_bad_values_rejected(override, message):
     assert message in str(e.value)
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 parses 1e-3 as a string; users write it that way on the command line and in files
+    p = tmp_path / "c.yaml"
+    p.write_text("dense_optim:\n  lr: 1e-3\n")
+    cfg = load_config(str(p), ["--embedding.optimizer.lr=5e-2"])
+    assert cfg.dense_optim.lr == 1e-3 and cfg.embedding.optimizer.lr == 5e-2
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(None, ["--embedding.optimizer.lr=fast"])
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "nope.yaml"))
