@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from trainer.metrics import NullMetrics
+from trainer.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("deepfm", "dlrm")
@@ -79,11 +79,6 @@ def _worker(argv: List[str]) -> int:
 
 
 # ---------------------------------------------------------------- driver
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_dataset(work: Path, rows: int, hash_size: int, seed: int, eval_frac: float = 0.01) -> tuple[Path, dict]:

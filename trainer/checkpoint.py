@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from trainer.dist import barrier
@@ -80,6 +79,3 @@ def _set_rng_state(st: dict) -> None:
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1

@@ -44,7 +44,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistEnv:
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # single process started by hand
             os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         timeout = timedelta(seconds=timeout_s)
         store = _restart_safe_store(timeout)
         if store is not None:
@@ -79,7 +79,8 @@ def _restart_safe_store(timeout: timedelta):
     return dist.PrefixStore(f"tailrec/restart_{attempt}", tcp)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a 1-rank group started by hand, tests, benchmarks)."""
     import socket
 
     with socket.socket() as s:

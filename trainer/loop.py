@@ -195,7 +195,7 @@ class Trainer:
     def _run_steps(self, driver, it: TimedIterator, total: int) -> bool:
         cfg, ck = self.cfg.train, self.cfg.checkpoint
         bar = _progress(self.env.is_main, total, self.state.step_in_epoch, f"epoch {self.state.epoch}")
-        t_last, wait_last = time.perf_counter(), 0.0
+        t_last, wait_last, first = time.perf_counter(), 0.0, True
         while True:
             if self.state.step_in_epoch >= total:  # epoch complete (also when it ends exactly at max_steps)
                 bar.close()
@@ -214,8 +214,10 @@ class Trainer:
                 self.transfer.after_step(self.state.step)   # FRAGE D step, transfer/lambda stats
             now = time.perf_counter()
             if self.metrics:
+                # per-table lrs are constant: set their gauges on the first step of each call, not every step
                 self.metrics.on_step(int(labels.numel()), now - t_last, it.wait_s - wait_last, float(loss),
-                                     lr=self.table_lr)
+                                     lr=self.table_lr if first else None)
+                first = False
             t_last, wait_last = now, it.wait_s
             bar.update(1)
             if self.state.step % cfg.log_every == 0:

@@ -17,7 +17,7 @@ class TimedIterator:
     """Wraps the loader iterator to measure data-wait time (seconds blocked in ``next``)."""
 
     def __init__(self, it: Iterator):
-        self.it, self.wait_s, self.batches = it, 0.0, 0
+        self.it, self.wait_s = it, 0.0
 
     def __iter__(self):
         return self
@@ -28,7 +28,6 @@ class TimedIterator:
             return next(self.it)
         finally:
             self.wait_s += time.perf_counter() - t0
-            self.batches += 1
 
 
 class PlainStep:

@@ -4,12 +4,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from trainer.dist import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,12 +40,6 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _make_dataset(root: Path) -> int:
     # Reuse the single-process test's dataset builder (no package __init__ under tests/).
     spec = importlib.util.spec_from_file_location("_loader_tests", Path(__file__).with_name("test_loader.py"))
@@ -60,7 +55,7 @@ def test_two_ranks_equal_counts_disjoint_rows(tmp_path):
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(script), str(tmp_path / "ds"), str(out)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]

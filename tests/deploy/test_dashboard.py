@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import yaml
 
 from deploy.render_dashboard import PromQLError, evaluate, load_samples, parse_scrape, render
 from trainer.config import MetricsConfig
+from trainer.dist import free_port
 from trainer.metrics import LABEL_NAMES, METRIC_NAMES, SCRAPE_METRIC_NAMES, PrometheusMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,16 +106,10 @@ def test_prometheus_scrape_config_matches_metrics_defaults():
 
 
 # ----------------------------------------------------------------- rendering from real scrapes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def scrapes():
     """10 scrapes, 15 s apart (synthetic clock), of two real exporters driven like a trainer would."""
-    ms = [PrometheusMetrics(MetricsConfig(enabled=True, base_port=_free_port()), r, 0, 2) for r in range(2)]
+    ms = [PrometheusMetrics(MetricsConfig(enabled=True, base_port=free_port()), r, 0, 2) for r in range(2)]
     out, t = [], 1_000.0
     try:
         for k in range(10):

@@ -160,27 +160,21 @@ def test_all_profiles_load_and_build():
         assert (ROOT / profiles[name].config).is_file(), f"{name}: {profiles[name].config} missing"
 
 
-def test_profile_validation_errors(tmp_path):
-    bad_key = tmp_path / "a.yaml"
-    bad_key.write_text("profiles:\n  x:\n    j: 1x2\n    gpus: 8\n")
-    with pytest.raises(ProfileError, match=r"unknown key\(s\) \['gpus'\]"):
-        load_profiles(bad_key)
-    bad_j = tmp_path / "b.yaml"
-    bad_j.write_text("profiles:\n  x:\n    j: two\n")
-    with pytest.raises(ProfileError, match="x.j"):
-        load_profiles(bad_j)
-    bad_type = tmp_path / "c.yaml"
-    bad_type.write_text("profiles:\n  x:\n    cpu: lots\n")
-    with pytest.raises(ProfileError, match="x.cpu: expected int"):
-        load_profiles(bad_type)
-    comma = tmp_path / "e.yaml"
-    comma.write_text("profiles:\n  x:\n    env: {NCCL_SOCKET_IFNAME: '^lo,docker'}\n")
-    with pytest.raises(ProfileError, match="must not contain ','"):
-        load_profiles(comma)
-    bad_top = tmp_path / "d.yaml"
-    bad_top.write_text("x:\n  j: 1x2\n")
-    with pytest.raises(ProfileError, match="top level"):
-        load_profiles(bad_top)
+@pytest.mark.parametrize("text, message", [
+    ("profiles:\n  x:\n    j: 1x2\n    gpus: 8\n", r"unknown key\(s\) \['gpus'\]"),
+    ("profiles:\n  x:\n    j: two\n", "x.j"),
+    ("profiles:\n  x:\n    cpu: lots\n", "x.cpu: expected int"),
+    ("profiles:\n  x:\n    env: {NCCL_SOCKET_IFNAME: '^lo,docker'}\n", "must not contain ','"),
+    ("x:\n  j: 1x2\n", "top level"),
+])
+def test_profile_validation_errors(tmp_path, text, message):
+    bad = tmp_path / "profiles.yaml"
+    bad.write_text(text)
+    with pytest.raises(ProfileError, match=message):
+        load_profiles(bad)
+
+
+def test_unknown_profile_lists_the_known_ones():
     with pytest.raises(ProfileError, match="known profiles: demo-cpu"):
         get_profile("missing", ROOT / "torchx.yaml")
 

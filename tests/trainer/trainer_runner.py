@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from trainer.dist import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "movielens_deepfm.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_trainer(run_dir: Path, dataset: Path, nproc: int, *overrides: str, command: str = "train",
@@ -25,7 +19,7 @@ def run_trainer(run_dir: Path, dataset: Path, nproc: int, *overrides: str, comma
     head = [sys.executable, "-m"]
     if nproc > 1:
         head += ["torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                 f"--master_port={_free_port()}", "-m"]
+                 f"--master_port={free_port()}", "-m"]
     args = ["trainer", command]
     if command == "train":
         args += ["--config", str(CONFIG), f"--data.path={dataset}", f"--run_dir={run_dir}",
