@@ -1,6 +1,8 @@
 """TailrecTBE (no TorchRec): forward pooling and the fused backward+update, C++ path and
 pure-torch path, against a float64 reference (dense autograd for g/h + rules.apply_step in
 float64). Tolerance: rtol 1e-5, atol 1e-6 (kernel math is float32)."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,54 @@ def test_lexico_without_loss_fails_loudly():
     out = tbe(*make_batch(0, False))
     with pytest.raises(RuntimeError, match="set_main_loss"):
         out.sum().backward()
+
+
+def _run_steps(tbe, batches):
+    for idx, off, psw in batches:
+        out = tbe(idx, off, psw)
+        main, tr = loss_of(split_out(out))
+        tbe.main_loss = float(main.detach())
+        (main + tr).backward()
+    return tbe
+
+
+@pytest.mark.parametrize("name", ["cfsgd_decay_warmup", "cfsgd_lexico", "adagrad_lexico_clip"])
+def test_sparse_sorted_path_matches_torch_path(name, monkeypatch):
+    """Large tables with few touched rows take the C++ op's sort path (the small ones its slot
+    scan); both must give what the pure-torch path (checked against float64 above) gives."""
+    if kernel.load_extension() is None:
+        pytest.skip("C++ extension unavailable here")
+    monkeypatch.setattr(sys.modules[__name__], "ROWS", [5000, 20, 3000])
+    batches = [make_batch(s, weighted=True) for s in range(1, 4)]
+    cfg = CONFIGS[name]
+    ext_tbe = _run_steps(build(cfg), batches)
+    monkeypatch.setattr(kernel, "load_extension", lambda verbose=False: None)
+    ref_tbe = _run_steps(build(cfg), batches)
+    torch.testing.assert_close(ext_tbe.weights, ref_tbe.weights, rtol=1e-5, atol=1e-6)
+    for n in cfg.state_names():
+        torch.testing.assert_close(getattr(ext_tbe, n), getattr(ref_tbe, n), rtol=1e-5, atol=1e-6)
+    keys = ext_tbe.last_stats["rows"]
+    assert torch.equal(keys, torch.sort(keys).values), "rows are updated and reported in row order"
+    assert torch.equal(torch.sort(keys).values, torch.sort(ref_tbe.last_stats["rows"]).values)
+
+
+def test_out_of_range_index_fails_clearly_and_leaves_kernel_usable():
+    if kernel.load_extension() is None:
+        pytest.skip("C++ extension unavailable here")
+    cfg = CONFIGS["cfsgd"]
+    idx, off, psw = make_batch(3, weighted=False)
+    grad = torch.ones(B, sum(DIMS[t] for _, t in FEATS))
+    bad = idx.clone()
+    bad[int(off[B])] = ROWS[1]  # first id of feature "b" (table 1) is one past its last row
+    tbe, fresh = build(cfg), build(cfg)
+    with pytest.raises(RuntimeError, match=rf"table 1: embedding index {ROWS[1]} out of range \[0, {ROWS[1]}\)"):
+        tbe.update(bad, off, None, grad)
+    # the failed call must not leave stale slots behind: the next step equals a fresh kernel's
+    tbe.weights.copy_(fresh.weights)
+    for n in cfg.state_names():
+        getattr(tbe, n).copy_(getattr(fresh, n))
+    tbe.step.copy_(fresh.step)
+    tbe.update(idx, off, None, grad)
+    fresh.update(idx, off, None, grad)
+    torch.testing.assert_close(tbe.weights, fresh.weights, rtol=0, atol=0)
+    torch.testing.assert_close(tbe.counter, fresh.counter, rtol=0, atol=0)
