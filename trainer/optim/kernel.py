@@ -99,7 +99,7 @@ class TailrecTBE(nn.Module):
         self._placeholder = torch.zeros(0, device=device, requires_grad=True)
         if self._placeholder.device.type == "cpu":
             load_extension()  # build/load the C++ op now, not inside the first (timed) training step
-        self.main_loss: Optional[float] = None
+        self.main_loss: Optional[Any] = None  # float, or anything float() resolves (PendingLoss)
         self.last_stats: Dict[str, Tensor] = {}
         self._meta: Optional[Dict[str, Tensor]] = None
         self._slot: Optional[Tensor] = None
@@ -161,6 +161,8 @@ class TailrecTBE(nn.Module):
         self.step.add_(1)
         if self.cfg.lexico and self.main_loss is None:
             raise RuntimeError("lexico needs the main loss before backward: trainer.optim.set_main_loss")
+        if self.cfg.lexico and not isinstance(self.main_loss, float):
+            self.main_loss = float(self.main_loss)  # waits for set_main_loss's all-reduce
         ext = load_extension() if self.weights.device.type == "cpu" else None
         if ext is not None:
             keys, lam, upd = self._update_ext(ext, indices, offsets, psw, grad)
@@ -184,7 +186,7 @@ class TailrecTBE(nn.Module):
     def _hyper(self) -> Tuple[List[float], List[int]]:
         c = self.cfg
         hf = [c.lr, c.eps, c.counter_halflife, c.adjustment_ub, c.lr_max, c.lexico_alpha,
-              c.lexico_lambda_max, c.lexico_h_clip, float(self.main_loss or 0.0)]
+              c.lexico_lambda_max, c.lexico_h_clip, float(self.main_loss) if c.lexico else 0.0]
         hi = [0 if c.step_rule == "cfsgd" else 1, c.adjustment_iter if c.warmup else -1,
               int(self.step.item()), int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean")]
         return hf, hi
@@ -269,7 +271,7 @@ class TailrecTBE(nn.Module):
         state = {n: s.index_select(0, rows) for n, s in zip(self.cfg.state_names(),
                                                              (self.split_state(n)[t] for n in self.cfg.state_names()))}
         res = rules.apply_step(self.cfg, W.index_select(0, rows), g, state, int(self.step.item()),
-                               h=h, has_h=has_h, loss=self.main_loss)
+                               h=h, has_h=has_h, loss=self.main_loss if self.cfg.lexico else None)
         W.index_copy_(0, rows, res.rows)
         for n, v in res.state.items():
             self.split_state(n)[t].index_copy_(0, rows, v)
