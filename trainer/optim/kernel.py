@@ -433,7 +433,7 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
   float* __restrict__ gacc = s.gacc.data();
   float* __restrict__ hacc = any_h ? s.hacc.data() : nullptr;
   int64_t* __restrict__ urow = s.urow.data();
-  int32_t* __restrict__ hslot = s.hslot.data();  // -1: main only; -2: no main yet (flags folded in)
+  int32_t* __restrict__ hslot = s.hslot.data();  // per unique row: its transfer accumulator, -1 = none
   const int64_t* __restrict__ idx = in.idx;
   const int64_t* __restrict__ off = in.off;
   const float* __restrict__ pw = in.pw;
@@ -484,6 +484,8 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
       }
     }
   }
+  // Tables before this one (in this call) are already updated: the op is not atomic over tables.
+  // The forward's embedding_bag rejects such ids first, so this is a guard, not a recovery path.
   if (bad_pos >= 0) {  // leave the slots clean so the module stays usable, then report
     for (int64_t u = 0; u < U; ++u) sl[urow[u]] = -1;
     out.error = "embedding index " + std::to_string(bad_row) + " out of range [0, " + std::to_string(rows) +
