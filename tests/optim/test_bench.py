@@ -63,8 +63,8 @@ def test_lexico_variant_switches_lexico_on_the_transfer_tables_only():
     from trainer.optim import bench
     from trainer.optim.torchrec_adapter import tailrec_kernels_of
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # init_method, not MASTER_* in os.environ: later tests' subprocesses would inherit them
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         a = bench._args(["--tables", "6", "--rows", "100", "--batch", "8"])
         for lexico, want in (("transfer", {f"t{i}" for i in range(bench.SHADOW_TABLES)}),
