@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCHREC := torchrec==1.8.0
 RUN ?= runs/demo
 
-.PHONY: setup demo test bench bench-data bench-kernel bench-train clean
+.PHONY: setup demo test test-fast bench bench-data bench-kernel bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests
+
+# in-process tests only: no torchrun, torchx, scrapes or kill runs (a few minutes on 2 cores)
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -m "not dist and not ops"
 
 bench-data: $(STAMP)
 	$(BIN)/tailrec bench data

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+# groups of the planted rare movies (planted.json); the trainer reports AUC per group
+PLANTED_GROUPS = ("twin", "loner", "other")
+
 CHUNK = 65536
 _PAD = 0                                   # sentinel byte: padding removed before writing
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)

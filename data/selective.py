@@ -1,4 +1,4 @@
-"""The selective target domain T'_eta (ALGORITHMS.md s5) from a dataset's ``stats/``.
+"""The selective target domain T'_eta (docs/ALGORITHMS.md §5) from a dataset's ``stats/``.
 
 S = the top ``source_frac`` of the feature's seen train ids by count (ties by id), T = the other seen ids.
 score(i) = max_{j in S} cos(s_i, s_j) over the co-occurrence rows (0 when s_i = 0);

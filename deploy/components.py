@@ -22,8 +22,7 @@ except ModuleNotFoundError:
     # (and without __file__); it is run from the repository root, so use the working directory.
     sys.path.insert(0, os.getcwd())
     from deploy.profiles import Profile, get_profile
-
-TRAINER_MODULE = "trainer"
+from trainer.launch import TRAINER_MODULE, trainer_args
 
 
 def _explicit(profile: Profile, **given) -> Profile:
@@ -103,9 +102,8 @@ def train(
     p = _explicit(get_profile(profile), j=j, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env,
                   config=config, metrics_port=metrics_port, max_retries=max_retries,
                   max_restarts=max_restarts, mounts=mounts)
-    trainer_args = ["train", "--config", p.config, *p.overrides, *_metrics_overrides(p), *overrides]
     app = ddp(
-        *trainer_args,
+        *trainer_args("train", p.config, [*p.overrides, *_metrics_overrides(p), *overrides]),
         m=TRAINER_MODULE,
         image=p.image,
         name=name or f"tailrec/{p.name}",

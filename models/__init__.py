@@ -6,35 +6,60 @@ per-table dims), ``models/fm.py`` (first-order column) and ``models/dlrm.py`` (n
 """
 from __future__ import annotations
 
-import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from models.autoint import AutoInt
-from models.base import FieldSpec, TailrecModel
-from models.dlrm import DLRM, DLRMDCN
-from models.fm import EXTRA_COLS, FM, DeepFM
-from trainer.config import ModelConfig
+from models.config import FIRST_ORDER_MODELS, MODELS, ModelConfig
 
-MODEL_CLASSES: dict[str, type[TailrecModel]] = {
-    "fm": FM,
-    "deepfm": DeepFM,
-    "autoint": AutoInt,
-    "dlrm": DLRM,
-    "dlrm_dcn": DLRMDCN,
-}
+if TYPE_CHECKING:
+    import torch
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from models.base import TailrecModel
+
+# What ``from models import X`` resolves lazily: the package itself imports no torch/torchrec, so
+# ``models.config`` (and the trainer's config, which embeds it) loads in milliseconds.
+_LAZY = {"FM": "models.fm", "DeepFM": "models.fm", "AutoInt": "models.autoint", "DLRM": "models.dlrm",
+         "DLRMDCN": "models.dlrm", "TailrecModel": "models.base", "FieldSpec": "models.base"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MODEL_CLASSES":
+        classes = {}
+        for model, path in MODELS.items():
+            module, cls = path.split(":")
+            classes[model] = getattr(importlib.import_module(module), cls)
+        globals()["MODEL_CLASSES"] = classes
+        return classes
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
 
 
 def _check_name(model_name: str) -> None:
-    if model_name not in MODEL_CLASSES:
-        raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(MODEL_CLASSES)}")
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(MODELS)}")
 
 
 def extra_dims(model_name: str) -> int:
     """Columns a table needs beyond its factor dim: for FM/DeepFM the first-order weight plus padding
     to keep FBGEMM's multiple-of-4 column count (``models.fm.EXTRA_COLS`` = 4), else 0."""
     _check_name(model_name)
-    return EXTRA_COLS if model_name in ("fm", "deepfm") else 0
+    if model_name not in FIRST_ORDER_MODELS:
+        return 0
+    from models.fm import EXTRA_COLS
+
+    return EXTRA_COLS
+
+
+def table_dim(model_name: str, factor_dim: int) -> int:
+    """The ``embedding_dim`` to allocate for a table whose factor vectors have ``factor_dim`` columns."""
+    return factor_dim + extra_dims(model_name)
+
+
+def factor_dim(model_name: str, embedding_dim: int) -> int:
+    """Columns ``[:factor_dim]`` of a table row are its factor vector (what transfer losses compare)."""
+    return embedding_dim - extra_dims(model_name)
 
 
 def build_model(
@@ -49,6 +74,11 @@ def build_model(
     ``feature_names``: the fields the head reads, in order (default: every feature of every table,
     in table order). Tables for FM/DeepFM must already include ``extra_dims`` columns.
     """
+    import torch
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from models.base import FieldSpec
+
     _check_name(cfg.name)
     if num_dense < 0:
         raise ValueError(f"num_dense must be >= 0, got {num_dense}")
@@ -57,7 +87,8 @@ def build_model(
     # Dense modules are created under the same device so a meta build allocates nothing.
     with device:
         ebc = EmbeddingBagCollection(tables=tables, device=device)
-        return MODEL_CLASSES[cfg.name](cfg, ebc, fields, num_dense)
+        return __getattr__("MODEL_CLASSES")[cfg.name](cfg, ebc, fields, num_dense)
 
 
-__all__ = ["build_model", "extra_dims", "TailrecModel", "MODEL_CLASSES", "FM", "DeepFM", "AutoInt", "DLRM", "DLRMDCN"]
+__all__ = ["build_model", "extra_dims", "table_dim", "factor_dim", "ModelConfig", "MODELS", "TailrecModel",
+           "MODEL_CLASSES", "FM", "DeepFM", "AutoInt", "DLRM", "DLRMDCN"]

@@ -20,7 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from models.base import MLP, FieldProjector, FieldSpec, TailrecModel
-from trainer.config import ModelConfig
+from models.config import ModelConfig
 
 
 class SelfAttention(nn.Module):

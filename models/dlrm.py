@@ -25,7 +25,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from models.base import Bias, FieldProjector, FieldSpec, TailrecModel, batch_size_of
-from trainer.config import ModelConfig
+from models.config import ModelConfig
 
 
 class _InitParameterList(nn.ParameterList):

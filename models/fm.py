@@ -22,7 +22,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from models.base import MLP, Bias, FieldProjector, FieldSpec, TailrecModel
-from trainer.config import ModelConfig
+from models.config import ModelConfig
 
 EXTRA_COLS = 4  # 1 first-order weight + 3 padding columns (FBGEMM needs a multiple of 4 columns)
 

@@ -17,13 +17,13 @@ def _train(args, overrides: list[str]) -> int:
 
 
 def _evaluate(args, overrides: list[str]) -> int:
-    from trainer.evaluate_cmd import run_evaluate
+    from trainer.evaluate_checkpoint import run_evaluate
 
     return run_evaluate(args.checkpoint, args.split, args.config, overrides)
 
 
 def _demo(args, overrides: list[str]) -> int:
-    from trainer.demo import run_demo
+    from trainer.experiments.demo import run_demo
 
     return run_demo(args.out, args.rows, args.nproc, overrides)
 
@@ -31,7 +31,7 @@ def _demo(args, overrides: list[str]) -> int:
 def _bench(args, overrides: list[str]) -> int:
     import importlib
 
-    module = {"data": "data.bench", "kernel": "trainer.optim.bench", "train": "trainer.bench"}[args.what]
+    module = {"data": "trainer.experiments.bench_data", "kernel": "trainer.experiments.bench_kernel", "train": "trainer.experiments.bench_train"}[args.what]
     return importlib.import_module(module).main(overrides)
 
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["data", "kernel", "train"])
     b.set_defaults(func=_bench, takes_overrides=True)
     try:
-        from trainer.ablate import register as register_ablate
+        from trainer.experiments.ablate import register as register_ablate
 
         register_ablate(sub)
     except ImportError:  # the ablation runner is optional at import time

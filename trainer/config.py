@@ -7,21 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from models.config import ModelConfig
 from trainer.config_base import ConfigError
+from trainer.optim.names import EMB_OPTIMIZERS, STEP_RULES
 
-EMB_OPTIMIZERS = (
-    "exact_sgd",              # FBGEMM fused SGD
-    "exact_adagrad",          # FBGEMM fused (per-coordinate) Adagrad
-    "exact_rowwise_adagrad",  # FBGEMM fused rowwise Adagrad
-    "counter_sgd",            # FBGEMM rowwise Adagrad + counter, LearningRateMode.COUNTER_SGD
-    "dense_adam",             # plain nn.Parameter + torch Adam (papers' baseline; small tables only)
-    "cfsgd",                  # ours: CF-SGD step size in our fused kernel
-    "rowwise_adagrad",        # ours: rowwise-Adagrad step size in our fused kernel (for lexico ablation)
-)
-OUR_OPTIMIZERS = ("cfsgd", "rowwise_adagrad")
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
-MODELS = ("deepfm", "autoint", "dlrm", "dlrm_dcn", "fm")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
 TRANSFER_LOSSES = ("mmd", "cosreg", "frage")
 
@@ -48,7 +40,7 @@ class DataConfig:
 
 @dataclass
 class EmbOptimConfig:
-    name: str = "exact_sgd"            # one of EMB_OPTIMIZERS
+    name: str = "exact_sgd"            # one of trainer.optim.names.EMB_OPTIMIZERS
     lr: float = 0.01
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -57,18 +49,18 @@ class EmbOptimConfig:
     adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c)
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
-    # item-wise lexico (ours only; needs transfer.enabled)
+    # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
     lexico: bool = False
     lexico_alpha: float = 2.0          # phi_i = alpha * min(||g_i||^2, loss_main)
     lexico_lambda_max: float = 10.0    # cap on lambda_i when gradients conflict
-    lexico_h_clip: float = 0.0         # >0: clip ||h_i|| to this multiple of ||g_i|| (ALGORITHMS.md s8)
+    lexico_h_clip: float = 0.0         # >0: clip ||h_i|| to this multiple of ||g_i|| (docs/ALGORITHMS.md §8)
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, EMB_OPTIMIZERS)
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: must be positive")
-        if self.lexico and self.name not in OUR_OPTIMIZERS:
-            raise ConfigError(f"{where}.lexico: needs one of our kernels {list(OUR_OPTIMIZERS)}, not {self.name}")
+        if self.lexico and self.name not in STEP_RULES:
+            raise ConfigError(f"{where}.lexico: needs one of our kernels {list(STEP_RULES)}, not {self.name}")
 
 
 @dataclass
@@ -98,24 +90,6 @@ class EmbeddingConfig:
     def for_table(self, name: str) -> tuple[int, str, EmbOptimConfig]:
         t = self.tables.get(name, TableConfig())
         return (t.dim or self.dim, t.sharding_type or self.sharding_type, t.optimizer or self.optimizer)
-
-
-@dataclass
-class ModelConfig:
-    name: str = "deepfm"               # one of MODELS
-    mlp: list[int] = field(default_factory=lambda: [100, 100])  # DeepFM/AutoInt DNN, DLRM over-arch
-    dense_arch: list[int] = field(default_factory=lambda: [64])  # DLRM bottom MLP (last = emb dim)
-    dropout: float = 0.2
-    batch_norm: bool = True
-    attn_layers: int = 3               # AutoInt
-    attn_heads: int = 2
-    attn_dim: int = 64
-    attn_dropout: float = 0.0
-    dcn_layers: int = 3                # DLRM-DCN
-    dcn_low_rank: int = 16
-
-    def validate(self, where: str) -> None:
-        _choice(where, "name", self.name, MODELS)
 
 
 @dataclass
@@ -163,7 +137,9 @@ class MetricsConfig:
 
 @dataclass
 class TransferConfig:
-    enabled: bool = False
+    # fields that no longer exist: refused with this reason instead of "unknown key"
+    REMOVED: ClassVar[dict[str, str]] = {"enabled": "nothing read it; transfer.mode=baseline turns transfer off"}
+
     mode: str = "baseline"             # one of TRANSFER_MODES
     loss: str = "mmd"                  # one of TRANSFER_LOSSES
     features: list[str] = field(default_factory=list)  # features whose table gets the transfer loss

@@ -83,6 +83,9 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    for key, why in getattr(cls, "REMOVED", {}).items():
+        if key in data:
+            raise ConfigError(f"{where}.{key}: this field was removed ({why}); delete it from the config")
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
@@ -93,7 +96,12 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         raise ConfigError(f"{where}: {e}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate(where)
+        try:
+            validate(where)
+        except ConfigError:
+            raise
+        except ValueError as e:  # validators outside trainer/ (models.config) raise plain ValueError
+            raise ConfigError(str(e)) from None
     return obj
 
 

@@ -11,6 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.launch import free_port
+
 
 @dataclass
 class DistEnv:
@@ -77,15 +79,6 @@ def _restart_safe_store(timeout: timedelta):
     tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                         int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"tailrec/restart_{attempt}", tcp)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a 1-rank group started by hand, tests, benchmarks)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def barrier() -> None:

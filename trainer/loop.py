@@ -18,16 +18,16 @@ from torchrec import EmbeddingBagConfig
 
 from data.loader import ParquetLoader
 from data.manifest import Manifest, load_manifest
-from models import build_model, extra_dims
+from models import build_model, table_dim
 from trainer import config_base
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config
 from trainer.dist import DistEnv
-from trainer.evaluate import evaluate
-from trainer.optimizers import build_dense_optimizer
+from trainer.evaluation import evaluate
+from trainer.dense_optimizer import build_dense_optimizer
 from trainer.pipeline import TimedIterator, make_driver
 from trainer.sharding import kernel_stats, set_optimizer_step, shard_model
-from trainer import transfer_setup
+from trainer import transfer_wiring
 from trainer.train_module import TrainModule
 
 log = logging.getLogger("tailrec.train")
@@ -47,7 +47,6 @@ class TrainState:
 
 
 def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[EmbeddingBagConfig]:
-    extra = extra_dims(cfg.model.name)
     tables = []
     for f in features:
         dim, _, _ = cfg.embedding.for_table(f)
@@ -55,8 +54,8 @@ def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[E
         if cfg.embedding.init_scale > 0:
             s = cfg.embedding.init_scale
             kw["init_fn"] = functools.partial(torch.nn.init.uniform_, a=-s, b=s)
-        tables.append(EmbeddingBagConfig(name=f, embedding_dim=dim + extra,
-                                         feature_names=transfer_setup.table_feature_names(cfg, f),
+        tables.append(EmbeddingBagConfig(name=f, embedding_dim=table_dim(cfg.model.name, dim),
+                                         feature_names=transfer_wiring.table_feature_names(cfg, f),
                                          num_embeddings=manifest.feature(f).num_embeddings, **kw))
     return tables
 
@@ -67,14 +66,14 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.manifest = load_manifest(cfg.data.path)
         self.features = cfg.data.features or [f.name for f in self.manifest.sparse_features]
-        transfer_setup.prepare_config(cfg)   # lexico on for transfer tables in lexico/both modes
+        transfer_wiring.prepare_config(cfg)   # lexico on for transfer tables in lexico/both modes
         self.tables = build_tables(cfg, self.manifest, self.features)
         model = build_model(cfg.model, self.tables, num_dense=len(self.manifest.dense_features),
                             feature_names=self.features, device="meta")
         train_module = TrainModule(model)
         sharded = shard_model(train_module, cfg.embedding, self.tables, dist.group.WORLD, env.device)
         self.dmp, self.plan_text = sharded.dmp, sharded.plan_text
-        self.transfer = transfer_setup.build_runtime(cfg, self.tables, env.device)  # None: baseline
+        self.transfer = transfer_wiring.build_runtime(cfg, self.tables, env.device)  # None: baseline
         if self.transfer:
             self.transfer.attach(self.dmp)
             train_module.transfer.set_runtime(self.transfer)
@@ -85,7 +84,7 @@ class Trainer:
         if self.transfer:  # shadow features in every batch (empty outside training)
             self.loaders = {s: self.transfer.wrap(ld, s == "train") for s, ld in self.loaders.items()}
         self.bucket_of_id = self._buckets()
-        self.group_of_id = transfer_setup.eval_groups(cfg)
+        self.group_of_id = transfer_wiring.eval_groups(cfg)
         ck_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
         self.checkpointer = Checkpointer(ck_dir, env.rank, cfg.checkpoint.keep)
         self.state = TrainState()

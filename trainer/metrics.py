@@ -31,10 +31,9 @@ from typing import Protocol, runtime_checkable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, pushadd_to_gateway
 
+from data.manifest import SPLITS
 from trainer.config import MetricsConfig
-
-SPLITS = ("train", "valid", "test")
-BUCKETS = ("all", "head", "torso", "tail")
+from trainer.evaluation import RESULT_GROUPS as BUCKETS   # eval label values (bounded)
 # input key -> Prometheus quantile label (summary convention: quantile="0.99"; max is quantile 1)
 COUNTER_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99", "max": "1"}
 LAMBDA_STATS = ("mean", "p50", "p90", "max")

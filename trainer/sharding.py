@@ -3,7 +3,7 @@
 `shard_model` applies one fused optimizer per table (`_apply_optimizer_in_backward`), plans
 with explicit `ParameterConstraints` per table (sharding type and compute kernel from the
 config; a fused-optimizer table is never left to the planner's data_parallel/dense choice,
-ALGORITHMS.md pitfall 5), and builds DistributedModelParallel inside our kernel hook.
+docs/ALGORITHMS.md §2 pitfall 5), and builds DistributedModelParallel inside our kernel hook.
 
 Gradient division (decided): TorchRec's all-to-all backward divides embedding gradients by
 the world size (`comm_ops.set_gradient_division`, default True). We keep that default: the
@@ -28,7 +28,8 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from trainer.optim import fbgemm
-from trainer.optim.rules import STEP_RULES, RuleConfig, rule_config_from
+from trainer.optim.names import DENSE_OPTIMIZERS, STEP_RULES
+from trainer.optim.rules import rule_config_from
 from trainer.optim.torchrec_adapter import (
     TailrecOptimizer,
     kernel_stats,
@@ -63,7 +64,7 @@ def table_optimizer_kwargs(opt_cfg: Any) -> Optional[Dict[str, Any]]:
     """kwargs for `_apply_optimizer_in_backward`, or None for a dense (torch Adam) table."""
     if opt_cfg.name in STEP_RULES:
         return optimizer_kwargs(rule_config_from(opt_cfg))
-    if opt_cfg.name in fbgemm.DENSE_OPTIMIZERS:
+    if opt_cfg.name in DENSE_OPTIMIZERS:
         return None
     return fbgemm.fused_params(opt_cfg)
 
@@ -73,7 +74,7 @@ def _constraints(emb_cfg: Any, tables: List[EmbeddingBagConfig],
     out, extra = {}, extra or {}
     for t in tables:
         _, st, opt = emb_cfg.for_table(t.name)
-        if opt.name in fbgemm.DENSE_OPTIMIZERS:
+        if opt.name in DENSE_OPTIMIZERS:
             out[t.name] = ParameterConstraints(sharding_types=["data_parallel"], compute_kernels=["dense"])
             continue
         if st == "data_parallel":
@@ -126,7 +127,7 @@ def shard_model(model: nn.Module, emb_cfg: Any, tables: List[EmbeddingBagConfig]
     with tailrec_kernels():
         dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[sharder],
                                        env=ShardingEnv.from_process_group(pg))
-    dense_names = {n for n, o in chosen.items() if o in fbgemm.DENSE_OPTIMIZERS}
+    dense_names = {n for n, o in chosen.items() if o in DENSE_OPTIMIZERS}
     dense = [(n, p) for n, p in dmp.named_parameters()
              if any(n.endswith(f"embedding_bags.{t}.weight") for t in dense_names)]
     return ShardResult(dmp=dmp, plan=plan, plan_text=format_plan(plan, chosen), dense_emb_params=dense,

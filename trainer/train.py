@@ -10,7 +10,7 @@ import torch
 from trainer import config_base
 from trainer.config import Config
 from trainer.dist import init_distributed, shutdown
-from trainer.report import markdown, write_results
+from trainer.results import markdown, write_results
 
 log = logging.getLogger("tailrec.train")
 

@@ -6,7 +6,7 @@ forward therefore has no Python control flow on tensors: the transfer term lives
 ``TransferTerm``, a leaf module (it holds no sharded submodule, so the pipeline's tracer calls it
 as one node and never traces into it).
 
-Transfer (trainer/transfer_setup.py): ``loss = main + coef * sum_f l_tr(f)`` where l_tr is computed
+Transfer (trainer/transfer_wiring.py): ``loss = main + coef * sum_f l_tr(f)`` where l_tr is computed
 on the shadow feature's pooled rows (one row per unique target id of the batch). ``coef`` is
 ``transfer.weight`` for plus_t/select and 1 for lexico/both, where our kernel combines h and g per
 row (it needs the global main loss first: ``set_main_loss``, a collective, called on every rank).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.transfer_setup import shadow_name
+from trainer.transfer_wiring import shadow_name
 
 
 def _first_rows(jt_values: torch.Tensor, jt_lengths: torch.Tensor):
@@ -52,7 +52,7 @@ class TransferTerm(nn.Module):
             from trainer.sharding import set_main_loss
 
             set_main_loss(rt.dmp, main)
-        from trainer.optim.transfer import split_rows
+        from trainer.optim.transfer_loss import split_rows
 
         total = None
         pooled = kt.to_dict()

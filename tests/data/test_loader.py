@@ -257,7 +257,7 @@ def test_break_and_close_stop_thread(ds):
 
 def test_bench_read_helpers(ds):
     """The data bench's timing helpers run on a converted-layout dataset (conversion itself is not run here)."""
-    from data.bench import format_table, loader_read, plain_read
+    from trainer.experiments.bench_data import format_table, loader_read, plain_read
     root, n = ds
     plain = plain_read(root, 4, repeats=1)
     two = loader_read(root, 4, world=2, repeats=1)

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from trainer.dist import free_port
+from trainer import launch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,15 +46,15 @@ def _make_dataset(root: Path) -> int:
     return mod.make_dataset(root)
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_two_ranks_equal_counts_disjoint_rows(tmp_path):
     n = _make_dataset(tmp_path / "ds")
     script, out = tmp_path / "rank.py", tmp_path / "out.json"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(script), str(tmp_path / "ds"), str(out)]
+    env = launch.subprocess_env(threads=1)
+    cmd = launch.command([str(tmp_path / "ds"), str(out)], nproc=2, module=None, script=script,
+                         master_port=launch.free_port())
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())

@@ -11,7 +11,7 @@ import yaml
 
 from deploy.render_dashboard import PromQLError, evaluate, load_samples, parse_scrape, render
 from trainer.config import MetricsConfig
-from trainer.dist import free_port
+from trainer.launch import free_port
 from trainer.metrics import LABEL_NAMES, METRIC_NAMES, SCRAPE_METRIC_NAMES, PrometheusMetrics
 
 ROOT = Path(__file__).resolve().parents[2]

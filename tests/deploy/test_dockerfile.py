@@ -14,6 +14,8 @@ import pytest
 
 from trainer.config import MetricsConfig
 
+pytestmark = pytest.mark.ops
+
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = (ROOT / "Dockerfile").read_text()
 # Instructions with line continuations joined; heredoc bodies kept apart.

@@ -48,10 +48,11 @@ def _strip_timing(history: list) -> list:
     return [{k: v for k, v in e.items() if k not in ("seconds",)} for e in history]
 
 
+@pytest.mark.ops
 @pytest.mark.slow
-def test_sigkill_one_rank_mid_epoch_resumes_exactly(ops, reference_run, tiny_dataset, tmp_path):
+def test_sigkill_one_rank_mid_epoch_resumes_exactly(ops, reference_run, tiny_ml, tmp_path):
     t0 = time.monotonic()
-    job = ops.start_job(tmp_path / "killed", tiny_dataset, max_restarts=2, metrics=True)
+    job = ops.start_job(tmp_path / "killed", tiny_ml, max_restarts=2, metrics=True)
     run_dir = job.run_dir
     job.start_polling(interval=0.5)
     try:
@@ -80,7 +81,7 @@ def test_sigkill_one_rank_mid_epoch_resumes_exactly(ops, reference_run, tiny_dat
     finally:
         job.kill_tree()
     log = job.log()
-    summary = [f"# tests/deploy/test_fault_tolerance.py::test_sigkill_one_rank_mid_epoch_resumes_exactly",
+    summary = ["# tests/deploy/test_fault_tolerance.py::test_sigkill_one_rank_mid_epoch_resumes_exactly",
                f"# waited for {KILL_AFTER_CKPT:09d}/COMPLETE, then SIGKILL rank 1 (pid {first[1]});"
                f" latest complete checkpoint then: {expected.name}",
                f"# planted before the restart: {partial.name} and {unmarked.name} (copies of {expected.name}"
@@ -136,12 +137,12 @@ def _check_killed_run(job, log, rc, first, expected, partial, reference_run, tmp
                 "# metrics endpoints back after the restart with tailrec_restarts 1 on both ranks"]
 
 
-def test_resumed_loader_yields_exactly_the_rest_of_the_epoch(tiny_dataset):
+def test_resumed_loader_yields_exactly_the_rest_of_the_epoch(tiny_ml):
     """The position a checkpoint stores (epoch, step_in_epoch) resumes the data stream exactly."""
     from data.loader import ParquetLoader
     from data.manifest import load_manifest
 
-    feats = [f.name for f in load_manifest(tiny_dataset).sparse_features]
+    feats = [f.name for f in load_manifest(tiny_ml).sparse_features]
     epoch, resumed_at = KILL_AFTER_CKPT // STEPS_PER_EPOCH, KILL_AFTER_CKPT % STEPS_PER_EPOCH
 
     def rows(batches) -> list[bytes]:   # one fingerprint per example: dense + sparse ids + label
@@ -157,11 +158,11 @@ def test_resumed_loader_yields_exactly_the_rest_of_the_epoch(tiny_dataset):
     whole, tails = [], []   # all ranks' examples of the epoch / of its resumed part
     for rank in range(2):
         kw = dict(rank=rank, world_size=2, seed=42, shuffle=True, drop_last=True, features=feats)
-        full = ParquetLoader(tiny_dataset, "train", 128, **kw)
+        full = ParquetLoader(tiny_ml, "train", 128, **kw)
         full.set_epoch(epoch)
         batches = [rows([b]) for b in full]
         assert len(batches) == STEPS_PER_EPOCH
-        resumed = ParquetLoader(tiny_dataset, "train", 128, **kw)
+        resumed = ParquetLoader(tiny_ml, "train", 128, **kw)
         resumed.set_epoch(epoch)
         resumed.load_state_dict({"epoch": epoch, "batches_yielded": resumed_at})
         rest = [rows([b]) for b in resumed]
@@ -212,8 +213,9 @@ def _save_report(job, log: str, tmp_path: Path, summary: list[str]) -> None:
     (out / "kill_resume_test.log").write_text(text.replace(str(tmp_path), "$TMP"))
 
 
+@pytest.mark.ops
 @pytest.mark.slow
-def test_torchx_local_cwd_max_restarts_recovers_from_sigkill(ops, reference_run, tiny_dataset, tmp_path):
+def test_torchx_local_cwd_max_restarts_recovers_from_sigkill(ops, reference_run, tiny_ml, tmp_path):
     """The same through the TorchX component: `--max_restarts 2` reaches torchrun and is enough."""
     import subprocess
     import sys
@@ -223,7 +225,7 @@ def test_torchx_local_cwd_max_restarts_recovers_from_sigkill(ops, reference_run,
     torchx = Path(sys.executable).parent / "torchx"
     cmd = [str(torchx), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
            "deploy/components.py:train", "--profile", "demo-cpu", "--max_restarts", "2",
-           "--metrics_port", str(port), "--", f"--data.path={tiny_dataset}", f"--run_dir={run_dir}",
+           "--metrics_port", str(port), "--", f"--data.path={tiny_ml}", f"--run_dir={run_dir}",
            *ops.RUN_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -17,7 +17,7 @@ import pytest
 
 from deploy.render_dashboard import parse_scrape, render
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ops]
 
 EXAMPLES = "tailrec_train_examples_total"
 AUC_ALL = ("tailrec_eval_auc", frozenset({("rank", "0"), ("split", "valid"), ("bucket", "all")}))

@@ -13,6 +13,8 @@ import pytest
 from deploy.components import train
 from deploy.profiles import ProfileError, get_profile, load_profiles
 
+pytestmark = pytest.mark.ops
+
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ("demo-cpu", "ml1m-1x8gpu", "criteo-2x8gpu")
 

@@ -1,20 +1,19 @@
-"""`trainer.optim.bench` in a tiny mode (real torchrun-less 1-rank gloo group, all variants):
+"""`trainer.experiments.bench_kernel` in a tiny mode (real torchrun-less 1-rank gloo group, all variants):
 the table has every variant, the ratios and the lexico line follow from the printed times, and
 state bytes are the documented ones."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-from trainer.dist import free_port
-from trainer.optim.bench import VARIANTS
+from trainer import launch
+from trainer.experiments.bench_kernel import VARIANTS
+from trainer.launch import free_port
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = launch.REPO
 
 
 def _within_rounding(printed: float, num: float, den: float, scale: float = 1.0, shift: float = 0.0,
@@ -25,12 +24,12 @@ def _within_rounding(printed: float, num: float, den: float, scale: float = 1.0,
     return lo <= printed <= hi
 
 
+@pytest.mark.dist
 def test_kernel_bench_tiny():
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-m", "trainer.optim.bench", "--tables", "5", "--rows", "300",
-                          "--batch", "64", "--steps", "2", "--warmup", "1", "--rounds", "2"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = launch.command(["--tables", "5", "--rows", "300", "--batch", "64", "--steps", "2", "--warmup", "1",
+                          "--rounds", "2"], module="trainer.experiments.bench_kernel")
+    out = subprocess.run(cmd, cwd=ROOT, env=launch.subprocess_env(threads=1), capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {}
     for line in out.stdout.splitlines():
@@ -57,10 +56,10 @@ def test_kernel_bench_tiny():
 
 
 def test_lexico_variant_switches_lexico_on_the_transfer_tables_only():
-    """Mirrors trainer.transfer_setup: tables with a shadow feature get lexico, the others not."""
+    """Mirrors trainer.transfer_wiring: tables with a shadow feature get lexico, the others not."""
     import torch.distributed as dist
 
-    from trainer.optim import bench
+    from trainer.experiments import bench_kernel as bench
     from trainer.optim.torchrec_adapter import tailrec_kernels_of
 
     # init_method, not MASTER_* in os.environ: later tests' subprocesses would inherit them

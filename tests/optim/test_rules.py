@@ -1,5 +1,5 @@
 """rules.py against an independent float64 reference written row by row from the formulas
-(ALGORITHMS.md s1-3). Tolerance: rules run in float32, so rtol 1e-5 / atol 1e-6."""
+(docs/ALGORITHMS.md §1-3). Tolerance: rules run in float32, so rtol 1e-5 / atol 1e-6."""
 import math
 
 import pytest

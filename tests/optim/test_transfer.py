@@ -1,4 +1,4 @@
-"""Transfer losses (trainer/optim/transfer.py) against independent brute force and behavioural checks."""
+"""Transfer losses (trainer/optim/transfer_loss.py) against independent brute force and behavioural checks."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.config import TransferConfig
-from trainer.optim.transfer import (
+from trainer.optim.transfer_loss import (
     CosRegLoss,
     FrageLoss,
     MMDLoss,
@@ -30,7 +30,7 @@ def _rows(n, d, shift=0.0, seed=0, dtype=torch.float32):
 
 # ----------------------------------------------------------------------------------------------- MMD
 def _mmd_brute(s, t, scales):
-    """MMD^2_u by the ALGORITHMS.md s4 formula: python loops, float64, statistics.median_low."""
+    """MMD^2_u by the docs/ALGORITHMS.md §4 formula: python loops, float64, statistics.median_low."""
     s = [list(map(float, r)) for r in s]
     t = [list(map(float, r)) for r in t]
     pts = s + t

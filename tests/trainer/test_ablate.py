@@ -3,14 +3,15 @@ the numbers of the runs' results.json files."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from trainer.ablate import Combo, expand_grid, fmt_ms, mean_std
+import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from trainer import launch
+from trainer.experiments.ablate import Combo, expand_grid, fmt_ms, mean_std
+
+REPO = launch.REPO
 
 
 def test_expand_grid_weights_only_for_fixed_weight_modes():
@@ -24,17 +25,18 @@ def test_expand_grid_weights_only_for_fixed_weight_modes():
 
 
 def _ablate(out: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "trainer", "ablate", "--config", str(REPO / "configs/movielens_deepfm.yaml"),
-           "--data", str(data), "--modes", "baseline,lexico", "--optimizers", "cfsgd:0.1", "--models", "deepfm",
-           "--seeds", "0", "--out", str(out), "--jobs", "2", "--train.epochs=1", "--train.max_steps=4",
-           "--data.batch_size=256", "--data.eval_batch_size=2048", "--transfer.features=[movie_id]",
-           "--train.log_every=1000", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    cmd = launch.trainer_command("ablate", REPO / "configs/movielens_deepfm.yaml", [
+        "--data", str(data), "--modes", "baseline,lexico", "--optimizers", "cfsgd:0.1", "--models", "deepfm",
+        "--seeds", "0", "--out", str(out), "--jobs", "2", "--train.epochs=1", "--train.max_steps=4",
+        "--data.batch_size=256", "--data.eval_batch_size=2048", "--transfer.features=[movie_id]",
+        "--train.log_every=1000", *extra])
+    proc = subprocess.run(cmd, cwd=REPO, env=launch.subprocess_env(threads=1), capture_output=True, text=True,
+                          timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
+@pytest.mark.dist
 def test_tiny_grid_runs_resumes_and_reports(tiny_ml, tmp_path):
     out = tmp_path / "abl"
     first = _ablate(out, tiny_ml)

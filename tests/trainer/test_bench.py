@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from trainer import bench
+from trainer.experiments import bench_train as bench
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def _rows(text: str) -> dict[str, list[str]]:

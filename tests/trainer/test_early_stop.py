@@ -1,5 +1,9 @@
 """Early stopping on valid AUC: a run that cannot improve stops after `patience` evaluations."""
-from trainer_runner import results, run_trainer
+import pytest
+
+from tests.helpers import results, run_trainer
+
+pytestmark = pytest.mark.dist
 
 
 def test_early_stopping_stops_a_run_that_does_not_improve(tiny_ml, tmp_path):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
-from trainer.evaluate import bucketed_metrics, binary_metrics
+from trainer.evaluation import bucketed_metrics, binary_metrics
 
 
 def test_binary_metrics_match_sklearn_and_ne_definition():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 import urllib.request
 
@@ -10,14 +9,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trainer.config import MetricsConfig
+from trainer.launch import free_port
 from trainer.metrics import (LABEL_NAMES, METRIC_NAMES, MetricsSink, NullMetrics, PrometheusMetrics,
                              SCRAPE_METRIC_NAMES, build_metrics)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:

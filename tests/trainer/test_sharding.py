@@ -1,29 +1,27 @@
-"""Real 2-rank torchrun/gloo runs of shard_model (worker: test_sharding_worker.py).
+"""Real 2-rank torchrun/gloo runs of shard_model (worker: sharding_worker.py).
 
 Reference: a single-process float64 replay of the same steps (all ranks' batches, TorchRec's
 gradient division by world size). Tolerance: 1e-6 absolute on weights and state (float32
 kernels; observed ~5e-8)."""
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from trainer import launch
+
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("test_sharding_worker.py")
+WORKER = Path(__file__).with_name("sharding_worker.py")
 TOL = 1e-6
-_PORT = [29700 + os.getpid() % 200]
 
 
 def torchrun(tmp_path, *scenarios, nproc=2):
-    out = tmp_path / f"res_{_PORT[0]}.json"
-    _PORT[0] += 1
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_PORT[0]}", str(WORKER), str(out), *scenarios]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    port = launch.free_port()
+    out = tmp_path / f"res_{port}.json"
+    cmd = launch.command([str(out), *scenarios], nproc=nproc, module=None, script=WORKER, master_port=port)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch.subprocess_env(threads=1), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
@@ -37,6 +35,7 @@ def results(tmp_path_factory):
                     "lexico:table_wise", "lexico:row_wise", "fbgemm", "vsfbgemm:-1,-1", "vsfbgemm:2,2")
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
 def test_our_kernel_matches_reference(results, sharding):
@@ -49,6 +48,7 @@ def test_our_kernel_matches_reference(results, sharding):
         assert len({p for _, p in r["t2_shards"]}) == 2, r["t2_shards"]
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
 def test_shadow_features_give_exact_lambda(results, sharding):
@@ -57,6 +57,7 @@ def test_shadow_features_give_exact_lambda(results, sharding):
     assert r["lexico_vs_plain"] > 1e-3  # lambda (needing g and h apart) changed the result
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_fbgemm_baselines_follow_documented_rules(results):
     r = results["fbgemm"]
@@ -66,6 +67,7 @@ def test_fbgemm_baselines_follow_documented_rules(results):
     assert r["counter_sgd_counter_max"] >= 2
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("arg", ["-1,-1", "2,2"])  # (halflife, adjustment_iter)
 def test_cfsgd_matches_fbgemm_counter_sgd_step_for_step(results, arg):
@@ -73,6 +75,7 @@ def test_cfsgd_matches_fbgemm_counter_sgd_step_for_step(results, arg):
     assert max(r["w_err_per_step"]) < TOL and r["counter_err"] < TOL
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_dcp_save_then_load_in_new_process(tmp_path):
     ckpt = tmp_path / "ckpt"

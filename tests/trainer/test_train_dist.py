@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from trainer_runner import results, run_trainer
+from tests.helpers import results, run_trainer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 # one table per sharding type and one of our kernels, so every path is exercised
 MIXED = ["--embedding.tables.movie_id.sharding_type=row_wise", "--embedding.tables.zip.sharding_type=column_wise",

@@ -3,9 +3,7 @@ FRAGE run whose discriminator survives a resume."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -13,9 +11,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from trainer.config import Config, TableConfig, EmbOptimConfig
 from trainer.config_base import ConfigError
 from trainer.train_module import TransferTerm, _first_rows
-from trainer.transfer_setup import (FeatureDomain, _kjt_with_shadows, planted_groups, prepare_config,
+from trainer.transfer_wiring import (FeatureDomain, _kjt_with_shadows, planted_groups, prepare_config,
                                     shadow_name, table_feature_names)
-from trainer_runner import results, run_trainer
+from tests.helpers import results, run_trainer
 
 
 def _kjt():
@@ -130,6 +128,7 @@ def test_planted_groups_map_raw_ids_through_the_vocabulary(tiny_ml):
     assert (g == 0).sum() > 0 and (g == 1).sum() > 0
 
 
+@pytest.mark.dist
 def test_frage_select_run_reports_groups_and_resumes_discriminator(tiny_ml, tmp_path):
     planted = tiny_ml.parent / "raw" / "planted.json"
     args = ["--embedding.optimizer.name=cfsgd", "--embedding.optimizer.lr=1.0", "--transfer.mode=select",

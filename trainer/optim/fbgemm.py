@@ -1,4 +1,4 @@
-"""FBGEMM baselines: map `EmbOptimConfig` to TorchRec/FBGEMM fused params (ALGORITHMS.md s2).
+"""FBGEMM baselines: map `EmbOptimConfig` to TorchRec/FBGEMM fused params (docs/ALGORITHMS.md §2).
 
 * exact_sgd / exact_adagrad / exact_rowwise_adagrad: FBGEMM's fused optimizers.
 * counter_sgd: EXACT_ROWWISE_ADAGRAD + WeightDecayMode.COUNTER + a
@@ -22,8 +22,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
     WeightDecayMode,
 )
 
-FBGEMM_OPTIMIZERS = ("exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "counter_sgd")
-DENSE_OPTIMIZERS = ("dense_adam",)
+from trainer.optim.names import FBGEMM_OPTIMIZERS
+
 _TYPES = {
     "exact_sgd": EmbOptimType.EXACT_SGD,
     "exact_adagrad": EmbOptimType.EXACT_ADAGRAD,

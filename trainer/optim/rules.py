@@ -5,7 +5,7 @@ The kernel (kernel.py) aggregates, for one global step, the unique rows it owns 
 h [n, d] (+ mask of rows that got one), gathered rows and state. Everything is returned as
 new tensors; the caller scatters them back.
 
-Rules (ALGORITHMS.md sections 1-3):
+Rules (docs/ALGORITHMS.md §1-3):
 
 * Counter (FBGEMM ``rowwise_adagrad_with_counter`` rule, once per step per unique row):
   halflife < 0: c += 1;  == 0: c = 1;  > 0: c = 1 + 2^(-delta/halflife) * c with
@@ -32,7 +32,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-STEP_RULES = ("cfsgd", "rowwise_adagrad")
+from trainer.optim.names import STEP_RULES
+
 # Only guards the division when ||g||^2 underflows; rows with g == 0 are handled explicitly,
 # so for every other row lambda is exact and the barrier constraint holds.
 _TINY = 1e-30
@@ -55,7 +56,7 @@ class RuleConfig:
     lexico_lambda_max: float = 10.0
     lexico_h_clip: float = 0.0
     # Rows without a transfer gradient: True = faithful Algorithm 1 (lambda from h = 0),
-    # False = plain main gradient (lambda = 1). ALGORITHMS.md s3 edge case 2.
+    # False = plain main gradient (lambda = 1). docs/ALGORITHMS.md §3 edge case 2.
     lexico_apply_to_all: bool = True
     shadow_suffix: str = "__shadow"
 
@@ -144,7 +145,7 @@ class LexicoResult:
 def lexico_direction(cfg: RuleConfig, g: Tensor, h: Tensor, has_h: Tensor, loss: float) -> LexicoResult:
     """Item-wise dynamic barrier: d = h + lambda g with <d, g> >= phi (unless lambda is capped).
 
-    Edge cases (ALGORITHMS.md s3): ||g|| = 0 -> h masked, d = 0 (harmlessness cannot be
+    Edge cases (docs/ALGORITHMS.md §3): ||g|| = 0 -> h masked, d = 0 (harmlessness cannot be
     certified); rows without transfer gradient -> faithful (h = 0) or plain g per
     `lexico_apply_to_all`; optional ||h|| <= h_clip * ||g|| before lambda is computed.
     """

@@ -1,4 +1,4 @@
-"""The one place where tailrec adapts TorchRec 1.8 (see ARCHITECTURE.md "The fused optimizer").
+"""The one place where tailrec adapts TorchRec 1.8 (see docs/ARCHITECTURE.md, "The fused optimizer").
 
 * `TailrecEmbeddingBag`: a `BaseBatchedEmbeddingBag + FusedOptimizerModule` whose
   `emb_module` is our `kernel.TailrecTBE`. TorchRec's own `EmbeddingFusedOptimizer` wraps it,

@@ -6,8 +6,8 @@
 Data: a Kaggle-layout ``train.txt`` from ``data.generate.generate_criteo`` (26 categorical fields with
 long-tail ids), converted in hash mode (every table ``hash_size + 1`` rows; statistics pass off).
 
-Each configuration is one fresh process tree: ``python -m trainer.bench --worker ...`` (1 rank) or
-``torchrun --nproc_per_node 2 -m trainer.bench --worker ...`` (gloo). The worker runs the real
+Each configuration is one fresh process tree: ``python -m trainer.experiments.bench_train --worker ...`` (1 rank) or
+``torchrun --nproc_per_node 2 -m trainer.experiments.bench_train --worker ...`` (gloo). The worker runs the real
 ``trainer.train.run`` on ``configs/criteo_<model>.yaml`` + overrides; the only difference from
 ``tailrec train`` is the metrics sink: a recorder (``trainer.metrics.NullMetrics`` subclass) that keeps
 each training step's wall time (the trainer's own ``on_step`` timing, data wait included). So:
@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from trainer import launch
 from trainer.metrics import NullMetrics
-from trainer.dist import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = launch.REPO
 MODELS = ("deepfm", "dlrm")
 OPTIMIZERS = ("exact_sgd", "exact_adagrad", "exact_rowwise_adagrad", "counter_sgd", "cfsgd")
 
@@ -60,7 +60,7 @@ class StepRecorder(NullMetrics):
 def _worker(argv: List[str]) -> int:
     """``--worker OUT_DIR --config C [overrides]``: run the trainer, write OUT_DIR/rank<r>.json."""
     out_dir, rest = Path(argv[0]), argv[1:]
-    p = argparse.ArgumentParser(prog="trainer.bench --worker")
+    p = argparse.ArgumentParser(prog="trainer.experiments.bench_train --worker")
     p.add_argument("--config", required=True)
     a, overrides = p.parse_known_args(rest)
     import trainer.train as train_mod
@@ -108,21 +108,18 @@ def prepare_dataset(work: Path, rows: int, hash_size: int, seed: int, eval_frac:
 
 def trainer_command(model: str, ranks: int, optimizer: str, dataset: Path, run_dir: Path, out_dir: Path,
                     a: argparse.Namespace) -> List[str]:
-    head = [sys.executable, "-m"]
-    if ranks > 1:
-        head += ["torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m"]
-    return head + [
-        "trainer.bench", "--worker", str(out_dir), "--config", str(REPO / "configs" / f"criteo_{model}.yaml"),
+    return launch.command([
+        "--worker", str(out_dir), "--config", str(REPO / "configs" / f"criteo_{model}.yaml"),
         f"--data.path={dataset}", f"--run_dir={run_dir}", f"--data.batch_size={a.batch}",
         f"--data.eval_batch_size={a.eval_batch}", '--data.bucket_feature=""', "--train.epochs=1",
         f"--train.max_steps={a.steps}", "--train.device=cpu", f"--train.log_every={10**9}",
         "--checkpoint.resume=false", f"--embedding.optimizer.name={optimizer}",
-    ] + list(a.override)
+    ] + list(a.override), nproc=ranks, module="trainer.experiments.bench_train")
 
 
 def state_bytes(optimizer: str, dim: int) -> int:
     """Bytes of optimizer state per embedding row (FBGEMM's fp32 state; our rule's own state)."""
-    from trainer.optim.bench import _state_bytes
+    from trainer.experiments.bench_kernel import _state_bytes
 
     return _state_bytes(dict(name=optimizer), dim)
 
@@ -153,10 +150,7 @@ def run_config(model: str, ranks: int, optimizer: str, dataset: Path, work: Path
         shutil.rmtree(d, ignore_errors=True)
     out_dir.mkdir(parents=True)
     cmd = trainer_command(model, ranks, optimizer, dataset, run_dir, out_dir, a)
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    if ranks > 1:
-        env.pop("MASTER_ADDR", None), env.pop("MASTER_PORT", None)
+    env = launch.subprocess_env()
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=a.timeout)
     wall = time.perf_counter() - t
@@ -188,9 +182,9 @@ def _median_round(rs: List[dict]) -> dict:
 
 
 def _dim(model: str, base_dim: int) -> int:
-    from models import extra_dims
+    from models import table_dim
 
-    return base_dim + extra_dims(model)
+    return table_dim(model, base_dim)
 
 
 def _mib(b: float) -> str:

@@ -30,8 +30,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from data.convert import (MovieLensOptions, OptionsError, Vocab, file_checksums, finish, row_uniform,
-                          split_of)
+from data.convert.common import (MovieLensOptions, OptionsError, Vocab, file_checksums, finish,
+                                 row_uniform, split_of)
 from data.errors import DataError
 from data.manifest import SparseFeature
 from data.readers import RowError, RowSink, decode, iter_lines

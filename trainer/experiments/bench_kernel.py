@@ -2,8 +2,8 @@
 fused update, input/output dist included) for our kernel vs FBGEMM's fused optimizers, on the
 same data and plan, side by side in one run.
 
-    torchrun --nproc_per_node {1,2} -m trainer.optim.bench [--rows N --batch B ...]
-    python -m trainer.optim.bench            # one rank without torchrun
+    torchrun --nproc_per_node {1,2} -m trainer.experiments.bench_kernel [--rows N --batch B ...]
+    python -m trainer.experiments.bench_kernel            # one rank without torchrun
 
 Ids are Zipf-like (log-uniform over the table: p(k) ~ 1/k), bag sizes uniform in [0, 2L).
 Rounds of all variants are interleaved; the median shows typical cost, the best round the cost
@@ -84,7 +84,7 @@ def _batches(a, rank: int, shadow: bool, n: int = 4):
 
 
 def _build(a, kw: Dict, shadow: bool, lexico: Optional[str]):
-    """lexico "transfer": on the tables with a shadow feature only (what trainer.transfer_setup
+    """lexico "transfer": on the tables with a shadow feature only (what trainer.transfer_wiring
     does: the transfer tables get lexico, the others keep the plain rule); "all": every table."""
     from trainer.config import EmbeddingConfig, EmbOptimConfig, TableConfig
     from trainer.sharding import shard_model
@@ -132,10 +132,10 @@ def _state_bytes(kw: Dict, dim: int) -> int:
 def main(argv: List[str] | None = None) -> int:
     a = _args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1"), os.environ.setdefault("MASTER_PORT", "29517")
-        os.environ.setdefault("RANK", "0"), os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("gloo")
+    if not dist.is_initialized():  # 1 rank by hand (free port), or a torchrun rank
+        from trainer.dist import init_distributed
+
+        init_distributed("cpu")
     from trainer.optim import kernel
 
     kernel.load_extension()

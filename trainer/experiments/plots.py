@@ -1,10 +1,13 @@
-"""PNG plots of an ablation grid (matplotlib, Agg); input: ``trainer.ablate.summarize`` rows."""
+"""PNG plots of an ablation grid (matplotlib, Agg); input: ``trainer.experiments.ablate.summarize`` rows."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 import numpy as np
+
+from data.generate import PLANTED_GROUPS
+from data.stats import BUCKETS
 
 
 def _plt():
@@ -124,7 +127,7 @@ def lambda_grid(out: Path, rows: list[dict], feature_key: str = "transfer_loss")
 
 def make_all(out: Path, rows: list[dict]) -> list[Path]:
     made = [auc_vs_epoch(out, rows),
-            bucket_bars(out, rows, ("all", "head", "torso", "tail"), "bucket_auc", "AUC per bucket"),
-            bucket_bars(out, rows, ("twin", "loner", "other"), "group_auc", "planted groups"),
+            bucket_bars(out, rows, ("all", *BUCKETS), "bucket_auc", "AUC per bucket"),
+            bucket_bars(out, rows, PLANTED_GROUPS, "group_auc", "planted groups"),
             lambda_grid(out, rows)]
     return [p for p in made if p is not None]

@@ -6,13 +6,12 @@ CPU / NCCL on GPU) and prints test AUC overall and per head/torso/tail bucket.
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "configs" / "movielens_deepfm.yaml"
+from trainer import launch
+
+DEMO_CONFIG = launch.REPO / "configs" / "movielens_deepfm.yaml"
 
 
 def prepare_dataset(out: Path, rows: int, seed: int = 0) -> Path:
@@ -28,17 +27,10 @@ def prepare_dataset(out: Path, rows: int, seed: int = 0) -> Path:
     return ds
 
 
-def train_cmd(nproc: int, config: Path, overrides: list[str]) -> list[str]:
-    base = [sys.executable, "-m"]
-    if nproc > 1:
-        base += ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
-    return base + ["trainer", "train", "--config", str(config), *overrides]
-
-
 def run_demo(out: str, rows: int, nproc: int, overrides: list[str]) -> int:
     out_p = Path(out)
     ds = prepare_dataset(out_p, rows)
-    cmd = train_cmd(nproc, DEMO_CONFIG, [f"--data.path={ds}", f"--run_dir={out_p / 'train'}", *overrides])
+    cmd = launch.trainer_command("train", DEMO_CONFIG, [f"--data.path={ds}", f"--run_dir={out_p / 'train'}",
+                                                        *overrides], nproc=nproc)
     print("+", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=launch.subprocess_env())

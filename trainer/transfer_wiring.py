@@ -1,6 +1,6 @@
 """Harmless transfer in the trainer: domains, shadow features, per-table masks, metrics, checkpoint state.
 
-Modes (``transfer.mode``, ALGORITHMS.md s3-5):
+Modes (``transfer.mode``, docs/ALGORITHMS.md §3-5):
 
 ==========  =============================  ======================================  ===============
 mode        target domain                  how h (transfer gradient) is applied     optimizer
@@ -21,7 +21,7 @@ empty bag), in evaluation it is empty. The transfer loss is computed on the shad
 row per unique target id of the batch), so its gradient reaches the kernel only through the shadow
 lookups: our kernel separates g (ordinary features) from h (shadow features) per row at the owner
 rank; FBGEMM kernels just add both. Source rows come from ``f``'s own pooled output, detached.
-Transfer rows are a subset of the batch's ids (ALGORITHMS.md s3 edge case 1).
+Transfer rows are a subset of the batch's ids (docs/ALGORITHMS.md §3 edge case 1).
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from trainer.config import OUR_OPTIMIZERS, Config, TableConfig
+from trainer.config import Config, TableConfig
 from trainer.config_base import ConfigError
+from trainer.optim.names import STEP_RULES
 
 log = logging.getLogger("tailrec.transfer")
 
@@ -69,9 +70,9 @@ def prepare_config(cfg: Config) -> None:
     for f in t.features:
         opt = cfg.embedding.for_table(f)[2]
         want = t.mode in LEXICO_MODES
-        if want and opt.name not in OUR_OPTIMIZERS:
+        if want and opt.name not in STEP_RULES:
             raise ConfigError(f"transfer.mode={t.mode}: table {f} needs one of our kernels "
-                              f"{list(OUR_OPTIMIZERS)} (embedding.optimizer.name), not {opt.name}")
+                              f"{list(STEP_RULES)} (embedding.optimizer.name), not {opt.name}")
         if opt.lexico != want:
             tc = copy.deepcopy(cfg.embedding.tables.get(f, TableConfig()))
             tc.optimizer = replace(opt, lexico=want)
@@ -174,7 +175,7 @@ class TransferRuntime:
     """Everything the trainer needs for a transfer run (``None`` for baseline runs)."""
 
     def __init__(self, cfg: Config, domains: dict[str, FeatureDomain], device: torch.device):
-        from trainer.optim.transfer import build_transfer_loss
+        from trainer.optim.transfer_loss import build_transfer_loss
 
         self.cfg, self.domains, self.device = cfg, domains, device
         t = cfg.transfer
@@ -248,10 +249,9 @@ class TransferRuntime:
 def build_runtime(cfg: Config, tables, device: torch.device) -> TransferRuntime | None:
     if not is_active(cfg):
         return None
-    from models import extra_dims
+    from models import factor_dim
 
-    extra = extra_dims(cfg.model.name)
-    factor = {t.name: t.embedding_dim - extra for t in tables}
+    factor = {t.name: factor_dim(cfg.model.name, t.embedding_dim) for t in tables}
     nume = {t.name: t.num_embeddings for t in tables}
     missing = [f for f in cfg.transfer.features if f not in factor]
     if missing:
@@ -260,9 +260,6 @@ def build_runtime(cfg: Config, tables, device: torch.device) -> TransferRuntime 
 
 
 # ------------------------------------------------------------------------------ eval groups
-GROUP_NAMES = ("twin", "loner", "other")
-
-
 def planted_groups(dataset_dir: str | Path, feature: str, planted_json: str | Path) -> np.ndarray:
     """id -> group (0 twin, 1 loner, 2 other) from the generator's planted.json (raw movie ids),
     through the dataset's vocabulary (dense id -> raw value)."""

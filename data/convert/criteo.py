@@ -22,8 +22,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from data.convert import (CriteoOptions, OptionsError, Vocab, file_checksums, finish, row_uniform,
-                          split_of)
+from data.convert.common import (CriteoOptions, OptionsError, Vocab, file_checksums, finish, row_uniform,
+                                 split_of)
 from data.errors import DataError
 from data.manifest import SparseFeature
 from data.readers import RowError, RowSink, iter_lines

@@ -2,18 +2,18 @@
 
 Pure PyTorch, no TorchRec: the trainer looks up the batch's rows of one table, splits them with
 ``split_rows`` into source (frequent) and target (rare) rows and calls ``loss(source, target)``.
-Maths and design decisions: /work/shared/ALGORITHMS.md sections 3 and 4.
+Maths and design decisions: docs/ALGORITHMS.md §3-4.
 
 Contract shared by all losses:
 - ``loss(source_rows [m, d], target_rows [n, d]) -> scalar``, differentiable w.r.t. ``target_rows``
   only. Source rows are detached inside: the source domain is the reference distribution, and the
   frequent rows must not be pulled toward the rare ones.
-- Every loss is a mean over the sampled rows (ALGORITHMS.md s3 edge case 3), so its scale does not
+- Every loss is a mean over the sampled rows (docs/ALGORITHMS.md §3 edge case 3), so its scale does not
   grow with the batch size; too few rows give a zero that still supports ``backward()``.
 - ``after_step()`` is called once at the end of each training step; ``metrics()`` returns floats for
   logging / Prometheus.
 
-Transfer rows must be a subset of the batch's unique ids (ALGORITHMS.md s3 edge case 1): otherwise a
+Transfer rows must be a subset of the batch's unique ids (docs/ALGORITHMS.md §3 edge case 1): otherwise a
 row gets h_i != 0 with g_i = 0 and the lexico rule cannot certify harmlessness. ``split_rows`` takes
 the batch ids as input for exactly that reason.
 
@@ -117,7 +117,7 @@ def median_pairwise_distance(points: Tensor, max_points: int = MEDIAN_MAX_POINTS
 
 
 class MMDLoss(TransferLoss):
-    """Unbiased MMD^2_u with a multi-bandwidth RBF kernel (ALGORITHMS.md s4).
+    """Unbiased MMD^2_u with a multi-bandwidth RBF kernel (docs/ALGORITHMS.md §4).
 
     k(x, y) = sum_{c in scales} exp(-||x - y||^2 / (2 (c sigma0)^2)), sigma0 = median pairwise distance
     of the union of both sets (detached; it sets the kernel's scale, it is not optimised).
@@ -199,7 +199,7 @@ class CosRegLoss(TransferLoss):
 
 # --------------------------------------------------------------------------------------------- FRAGE
 class FrageLoss(TransferLoss):
-    """FRAGE adversarial transfer (Gong et al. 2018; ALGORITHMS.md s4).
+    """FRAGE adversarial transfer (Gong et al. 2018; docs/ALGORITHMS.md §4).
 
     Discriminator D: ``nn.Linear(dim, 2)`` (official code), or ``Linear-ReLU-Linear`` when
     ``hidden > 0``; init U(-0.1, 0.1); its own SGD optimizer. Label 0 = source, 1 = target.

@@ -8,17 +8,16 @@ Up to ``--jobs`` runs in parallel. Extra ``--a.b=c`` arguments are passed to eve
 Optimizers may carry a learning rate: ``cfsgd:0.1,rowwise_adagrad:0.05``. ``--lambdas`` is the
 fixed transfer weight grid; it only multiplies the plus_t / select runs (lexico modes use 1).
 
-Report (``OUT/README.md``, rebuilt from the results.json files with ``--report-only``): test AUC and
+Report (``<out>/README.md``, rebuilt from the results.json files with ``--report-only``): test AUC and
 log loss (mean +- sample std over seeds) at the best-valid evaluation, overall and per bucket
 (head/torso/tail and, with ``transfer.eval_groups``, twin/loner/other), ms/step with the extra time
 against the baseline of the same model/optimizer, the method's metrics (transfer loss, lambda stats,
-discriminator accuracy, T'_eta kept/dropped), and plots (trainer/plots.py).
+discriminator accuracy, T'_eta kept/dropped), and plots (trainer/experiments/plots.py).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import shutil
 import subprocess
@@ -29,10 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from trainer import launch
+from trainer.evaluation import RESULT_GROUPS
+
+REPO = launch.REPO
 MODES = ("baseline", "plus_t", "select", "lexico", "both")
 WEIGHTED = ("plus_t", "select")
-BUCKET_ORDER = ("all", "head", "torso", "tail", "twin", "loner", "other")
+BUCKET_ORDER = RESULT_GROUPS
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,8 @@ def expand_grid(modes: list[str], optimizers: list[str], models: list[str], seed
 
 
 def run_cmd(combo: Combo, config: str, data: str, run_dir: Path, nproc: int, extra: list[str]) -> list[str]:
-    head = [sys.executable, "-m"]
-    if nproc > 1:
-        head += ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
-    return head + ["trainer", "train", "--config", config, f"--data.path={data}", f"--run_dir={run_dir}",
-                   *combo.overrides(), *extra]
+    return launch.trainer_command("train", config, [f"--data.path={data}", f"--run_dir={run_dir}",
+                                                    *combo.overrides(), *extra], nproc=nproc)
 
 
 def run_grid(combos: list[Combo], config: str, data: str, out: Path, jobs: int = 1, nproc: int = 1,
@@ -103,8 +102,7 @@ def run_grid(combos: list[Combo], config: str, data: str, out: Path, jobs: int =
     runs = out / "runs"
     todo = [c for c in combos if not (runs / c.name / "results.json").exists()]
     skipped = [c.name for c in combos if c not in todo]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = launch.subprocess_env()
     running: list[tuple[Combo, subprocess.Popen, float, object]] = []
     ran, failed = [], []
     pending = list(todo)
@@ -252,7 +250,7 @@ def markdown_tables(rows: list[dict]) -> str:
 
 
 def write_report(out: Path, combos: list[Combo], title: str, command: str, notes: str = "") -> Path:
-    from trainer import plots
+    from trainer.experiments import plots
 
     runs = load_runs(out)
     rows = summarize(combos, runs)

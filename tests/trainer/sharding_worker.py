@@ -1,11 +1,10 @@
 """torchrun worker for tests/trainer/test_sharding.py (no tests here).
 
-`torchrun --nproc_per_node N tests/trainer/test_sharding_worker.py OUT.json SCENARIO...`
+`torchrun --nproc_per_node N tests/trainer/sharding_worker.py OUT.json SCENARIO...`
 runs the scenarios on gloo/CPU and rank 0 writes max errors against a float64 single-process
 replay (rules.py / FBGEMM's documented rules) to OUT.json.
 """
 import json
-import math
 import os
 import sys
 from typing import Dict, List

@@ -1,12 +1,8 @@
-"""Raw -> Parquet conversion: options, deterministic per-row split, vocabularies, manifest.
+"""What both converters share: options, the deterministic per-row split, vocabularies, the manifest.
 
-Entry points (the format-specific code is in ``convert_movielens.py`` / ``convert_criteo.py``)::
-
-    convert_movielens(src_dir, out_dir, opts: MovieLensOptions | None = None) -> Manifest
-    convert_criteo(src_files, out_dir, opts: CriteoOptions | None = None) -> Manifest
-
-Both stream the raw rows (twice when a vocabulary must be counted first), write ``train/ valid/ test/``
-with fixed-size row groups, ``vocab/<feature>.parquet`` (raw value per id), ``rejects.tsv`` with
+Imports neither format module (``movielens.py`` / ``criteo.py`` import this one). Both converters
+stream the raw rows (twice when a vocabulary must be counted first), write ``train/ valid/ test/`` with
+fixed-size row groups, ``vocab/<feature>.parquet`` (raw value per id), ``rejects.tsv`` with
 ``skip_bad_rows``, and ``manifest.json`` last (a half-written dataset has no manifest, so it is refused).
 """
 from __future__ import annotations
@@ -194,13 +190,3 @@ def _run_stats(out_dir: Path) -> None:
         return
     from data.stats import compute_stats
     compute_stats(out_dir)
-
-
-def convert_movielens(src_dir, out_dir, opts: MovieLensOptions | None = None) -> Manifest:
-    from data.convert_movielens import convert
-    return convert(Path(src_dir), Path(out_dir), opts or MovieLensOptions())
-
-
-def convert_criteo(src_files, out_dir, opts: CriteoOptions | None = None) -> Manifest:
-    from data.convert_criteo import convert, resolve_inputs
-    return convert(resolve_inputs(src_files), Path(out_dir), opts or CriteoOptions())

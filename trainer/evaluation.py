@@ -12,7 +12,11 @@ import torch
 import torch.distributed as dist
 from sklearn.metrics import log_loss, roc_auc_score
 
-BUCKETS = ("head", "torso", "tail")
+from data.generate import PLANTED_GROUPS
+from data.stats import BUCKETS
+
+# every name a result row can carry, in report order: overall, frequency buckets, planted groups
+RESULT_GROUPS = ("all", *BUCKETS, *PLANTED_GROUPS)
 
 
 def binary_metrics(p: np.ndarray, y: np.ndarray) -> dict:
@@ -68,7 +72,7 @@ def _feature_ids(kjt, feature: str) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, bucket_of_id: np.ndarray | None = None,
              bucket_feature: str = "", progress=None, group_of_id: np.ndarray | None = None,
-             group_names: tuple[str, ...] = ("twin", "loner", "other")) -> dict:
+             group_names: tuple[str, ...] = PLANTED_GROUPS) -> dict:
     """Run the TrainModule-style ``model(batch) -> (loss, (loss, logits, labels))`` over ``loader``.
 
     ``group_of_id``: optional second id -> group map on ``bucket_feature`` (e.g. planted twins /

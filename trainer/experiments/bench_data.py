@@ -112,7 +112,7 @@ def bench_data(out_dir=None, sizes=(1_000_000, 3_000_000), batch_size: int = 409
 
 def format_table(results: list[dict], batch_size: int) -> str:
     lines = ["| raw rows | generate rows/s | convert rows/s | convert peak RSS MiB | train rows "
-             f"| plain iter_batches batches/s | loader 1 rank batches/s | loader 2 ranks batches/s per rank |",
+             "| plain iter_batches batches/s | loader 1 rank batches/s | loader 2 ranks batches/s per rank |",
              "|" + "---:|" * 8]
     for r in results:
         lines.append(f"| {r['rows']:,} | {r['generate_rows_per_s']:,.0f} | {r['convert_rows_per_s']:,.0f} "

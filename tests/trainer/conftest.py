@@ -1,7 +1,0 @@
-"""Fixtures for trainer tests; process-running helpers live in trainer_runner.py (importable)."""
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,0 +1,305 @@
+// tailrec fused backward + update (CPU): the C++ op behind trainer/optim/kernel.py.
+// Compiled on first use by kernel.load_extension (torch.utils.cpp_extension), cached per torch
+// install and source hash; the float32 twin of trainer/optim/rules.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+// Layout of the work: tables are independent (disjoint rows, disjoint state), so the op runs
+// table by table (in parallel over tables when torch has threads). For one table:
+//  1. accumulate: each lookup adds w * grad[bag] into the accumulator of its row; a persistent
+//     int32 slot per local row maps row -> accumulator (first-appearance order, no hashing, no
+//     sort). The table's accumulators stay in cache while the table is processed.
+//  2. update in row order: for a dense batch (many uniques) a scan of the table's slots, for a
+//     sparse one a sort of the unique rows. Row order makes the weight/state traffic nearly
+//     sequential for long-tail ids (most touched rows are low ids), which is what a sort buys
+//     FBGEMM; the scan also resets the slots.
+// The per-row maths (direction, step size) is the float32 twin of rules.py.
+
+namespace {
+
+struct Hyper {
+  int64_t rule;       // 0 cfsgd, 1 rowwise_adagrad
+  double lr, eps, halflife, ub, lr_max, alpha, lam_max, h_clip, loss;
+  int64_t adj_iter, step;
+  bool lexico, apply_all;
+};
+
+// Row reductions with 8 independent partial sums: a single running float sum is a chain of
+// dependent adds (the lexico norms cost more than the rest of the row otherwise), and this
+// order is still deterministic. D % 8 != 0 falls back to a scalar tail.
+template <int DT>
+__attribute__((always_inline)) inline float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t Drt) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const int64_t D8 = D - D % 8;
+  for (int64_t k = 0; k < D8; k += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += x[k + j] * y[k + j];
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (int64_t k = D8; k < D; ++k) s += x[k] * y[k];
+  return s;
+}
+
+// Direction d (written into g) for one row; returns lambda (0 when no lexico).
+template <int DT>
+__attribute__((always_inline)) inline float direction(const Hyper& hp, float* __restrict__ g, const float* __restrict__ h, bool has_h,
+                       int64_t Drt) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  if (!hp.lexico) {
+    if (h) for (int64_t k = 0; k < D; ++k) g[k] += h[k];
+    return 0.f;
+  }
+  const float gg = dot<DT>(g, g, D);
+  if (gg == 0.f) return 0.f;  // h masked: harmlessness cannot be certified; d = g = 0
+  const bool use_h = has_h && h;
+  float hs = 1.f, hg = 0.f;
+  if (use_h) {
+    const float hn2 = dot<DT>(h, h, D);
+    hg = dot<DT>(h, g, D);
+    if (hp.h_clip > 0) {
+      float hn = std::sqrt(hn2), cap = (float)hp.h_clip * std::sqrt(gg);
+      if (hn > cap) hs = cap / std::max(hn, 1e-30f);
+    }
+    hg *= hs;
+  }
+  float phi = (float)hp.alpha * std::min(gg, (float)std::max(hp.loss, 0.0));
+  float lam = (phi - hg) / std::max(gg, 1e-30f);
+  lam = std::min(std::max(lam, 0.f), (float)hp.lam_max);
+  if (!has_h && !hp.apply_all) lam = 1.f;
+  if (use_h) for (int64_t k = 0; k < D; ++k) g[k] = hs * h[k] + lam * g[k];
+  else for (int64_t k = 0; k < D; ++k) g[k] = lam * g[k];
+  return lam;
+}
+
+template <int DT>
+__attribute__((always_inline)) inline float mean_sq(const float* __restrict__ d, int64_t Drt) {
+  return dot<DT>(d, d, Drt) / (float)(DT > 0 ? DT : Drt);
+}
+
+template <int DT>
+__attribute__((always_inline)) inline float step_size(const Hyper& hp, int64_t key, const float* d, int64_t D,
+                       float* counter, int32_t* last, float* ada) {
+  if (hp.rule == 1) {
+    ada[key] += mean_sq<DT>(d, D);
+    return (float)hp.lr / (std::sqrt(ada[key]) + (float)hp.eps);
+  }
+  float c = counter[key];
+  if (hp.halflife < 0) c += 1.f;
+  else if (hp.halflife == 0) c = 1.f;
+  else {
+    int64_t delta = last[key] > 0 ? hp.step - last[key] : 1;
+    c = 1.f + std::exp2(-(float)delta / (float)hp.halflife) * c;
+    last[key] = (int32_t)hp.step;
+  }
+  counter[key] = c;
+  float eta = (float)hp.lr / (std::sqrt((float)hp.ub * c) + (float)hp.eps);
+  eta = std::min(eta, (float)hp.lr_max);
+  if (ada) {
+    ada[key] += mean_sq<DT>(d, D);
+    if (hp.step <= hp.adj_iter) eta = (float)hp.lr / (std::sqrt(ada[key]) + (float)hp.eps);
+  }
+  return eta;
+}
+
+struct Inputs {
+  const int64_t* idx; const int64_t* off; const float* pw; const float* G; int64_t ldg, B;
+  const int64_t* fc; const bool* fs; bool mean_pool; int64_t n_idx;
+  int32_t* slot; float* W; float* cnt; int32_t* last; float* ada;
+};
+
+struct TableOut {
+  std::vector<int64_t> keys;  // global keys (row offset of the table + local row), row order
+  std::vector<float> lam;
+  std::vector<uint8_t> upd;
+  std::string error;
+};
+
+// Reused across calls (per thread): after the first steps the op allocates nothing big.
+struct Scratch {
+  std::vector<float> gacc, hacc;
+  std::vector<int32_t> hslot;
+  std::vector<int64_t> urow;
+};
+thread_local Scratch scratch;
+
+template <int DT>
+void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& feats, int64_t rows,
+               int64_t rof, int64_t wof, int64_t Drt, int64_t n_ids, TableOut& out) {
+  const int64_t D = DT > 0 ? DT : Drt;
+  Scratch& s = scratch;
+  const int64_t max_u = std::min(n_ids, rows);
+  if ((int64_t)s.urow.size() < max_u) { s.urow.resize(max_u); s.hslot.resize(max_u); }
+  if ((int64_t)s.gacc.size() < max_u * D) s.gacc.resize(max_u * D);
+  bool any_h = false;
+  for (int64_t f : feats) any_h |= in.fs[f];
+  if (any_h && (int64_t)s.hacc.size() < max_u * D) s.hacc.resize(max_u * D);
+  // raw local pointers: no aliasing with the stores below, so nothing is reloaded per id
+  int32_t* __restrict__ sl = in.slot + rof;
+  float* __restrict__ gacc = s.gacc.data();
+  float* __restrict__ hacc = any_h ? s.hacc.data() : nullptr;
+  int64_t* __restrict__ urow = s.urow.data();
+  int32_t* __restrict__ hslot = s.hslot.data();  // per unique row: its transfer accumulator, -1 = none
+  const int64_t* __restrict__ idx = in.idx;
+  const int64_t* __restrict__ off = in.off;
+  const float* __restrict__ pw = in.pw;
+  const float* __restrict__ G = in.G;
+  const int64_t B = in.B, ldg = in.ldg;
+  const bool mean_pool = in.mean_pool;
+  const int64_t n_idx = in.n_idx;
+  int64_t U = 0, H = 0, bad_row = -1, bad_pos = -1;
+  std::vector<uint8_t> has_main;  // only needed with shadow features
+  if (any_h) has_main.assign(max_u, 0);
+  for (int64_t f : feats) {
+    const bool shadow = in.fs[f];
+    const float* __restrict__ gbase = G + in.fc[f];
+    for (int64_t k = f * B; k < (f + 1) * B && bad_pos < 0; ++k) {
+      const int64_t s0 = off[k], s1 = off[k + 1];
+      if (s1 == s0) continue;
+      const float bag_scale = mean_pool ? 1.f / (float)(s1 - s0) : 1.f;
+      const float* __restrict__ gr = gbase + (k - f * B) * ldg;
+      for (int64_t i = s0; i < s1; ++i) {
+        // the slot read is the miss that dominates (random over the table): fetch ahead
+        if (i + 16 < n_idx) {
+          const int64_t rp = idx[i + 16];
+          if (rp >= 0 && rp < rows) __builtin_prefetch(sl + rp, 1);
+        }
+        const int64_t r = idx[i];
+        if (r < 0 || r >= rows) { bad_row = r; bad_pos = i; break; }
+        int32_t u = sl[r];
+        if (u < 0) {
+          u = (int32_t)U++;
+          sl[r] = u;
+          urow[u] = r; hslot[u] = -1;
+          std::memset(gacc + (int64_t)u * D, 0, sizeof(float) * D);
+        }
+        const float w = bag_scale * (pw ? pw[i] : 1.f);
+        float* __restrict__ dst;
+        if (shadow) {
+          if (hslot[u] < 0) {
+            hslot[u] = (int32_t)H++;
+            std::memset(hacc + (int64_t)hslot[u] * D, 0, sizeof(float) * D);
+          }
+          dst = hacc + (int64_t)hslot[u] * D;
+        } else {
+          dst = gacc + (int64_t)u * D;
+          if (any_h) has_main[u] = 1;
+        }
+#pragma GCC ivdep
+        for (int64_t d = 0; d < D; ++d) dst[d] += w * gr[d];
+      }
+    }
+  }
+  // Tables before this one (in this call) are already updated: the op is not atomic over tables.
+  // The forward's embedding_bag rejects such ids first, so this is a guard, not a recovery path.
+  if (bad_pos >= 0) {  // leave the slots clean so the module stays usable, then report
+    for (int64_t u = 0; u < U; ++u) sl[urow[u]] = -1;
+    out.error = "embedding index " + std::to_string(bad_row) + " out of range [0, " + std::to_string(rows) +
+                ") at position " + std::to_string(bad_pos) + " of the local indices";
+    return;
+  }
+  // rows in increasing order: a scan of the slots when dense, a sort when sparse
+  if (U * 8 >= rows) {
+    int64_t j = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      if (sl[r] >= 0) urow[j++] = r;
+  } else {
+    std::sort(urow, urow + U);
+  }
+  out.keys.resize(U); out.lam.assign(U, 0.f); out.upd.assign(U, 0);
+  int64_t* __restrict__ keys = out.keys.data();
+  float* __restrict__ lamo = out.lam.data();
+  uint8_t* __restrict__ updo = out.upd.data();
+  float* __restrict__ W = in.W + wof;
+  constexpr int64_t PF = 8;  // prefetch distance (rows): hides the weight/state misses
+  for (int64_t j = 0; j < U; ++j) {
+    if (j + PF < U) {
+      const int64_t rp = urow[j + PF];
+      __builtin_prefetch(W + rp * D, 1);
+      if (in.cnt) __builtin_prefetch(in.cnt + rof + rp, 1);
+      __builtin_prefetch(gacc + (int64_t)sl[rp] * D, 0);
+    }
+    const int64_t r = urow[j];
+    const int32_t u = sl[r];
+    sl[r] = -1;
+    keys[j] = rof + r;
+    const bool hm = any_h ? has_main[u] != 0 : true;
+    if (hp.lexico && !hm) continue;  // transfer-only row: nothing certified, not counted
+    float* g = gacc + (int64_t)u * D;
+    const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
+    lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
+    const float eta = step_size<DT>(hp, rof + r, g, D, in.cnt, in.last, in.ada);
+    float* __restrict__ w = W + r * D;
+    for (int64_t d = 0; d < D; ++d) w[d] -= eta * g[d];
+    updo[j] = 1;
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> tailrec_update(
+    torch::Tensor indices, torch::Tensor offsets, torch::Tensor psw, torch::Tensor grad,
+    torch::Tensor feat_table, torch::Tensor feat_shadow, torch::Tensor feat_col,
+    torch::Tensor tab_row_off, torch::Tensor tab_w_off, torch::Tensor tab_dim,
+    torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
+    torch::Tensor ada, std::vector<double> hf, std::vector<int64_t> hi) {
+  Hyper hp{hi[0], hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8],
+           hi[1], hi[2], (bool)hi[3], (bool)hi[4]};
+  const int64_t F = feat_table.size(0), nb = offsets.size(0) - 1, B = F ? nb / F : 0;
+  const int64_t T = tab_dim.size(0);
+  const int64_t *ft = feat_table.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
+  const int64_t *rof = tab_row_off.data_ptr<int64_t>(), *wof = tab_w_off.data_ptr<int64_t>();
+  const int64_t* dim = tab_dim.data_ptr<int64_t>();
+  Inputs in{indices.data_ptr<int64_t>(), off, psw.numel() ? psw.data_ptr<float>() : nullptr,
+            grad.data_ptr<float>(), grad.size(1), B, feat_col.data_ptr<int64_t>(),
+            feat_shadow.data_ptr<bool>(), hi[5] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
+            counter.numel() ? counter.data_ptr<float>() : nullptr,
+            last_step.numel() ? last_step.data_ptr<int32_t>() : nullptr,
+            ada.numel() ? ada.data_ptr<float>() : nullptr};
+  std::vector<std::vector<int64_t>> feats(T);
+  std::vector<int64_t> n_ids(T, 0);
+  for (int64_t f = 0; f < F; ++f) {
+    feats[ft[f]].push_back(f);
+    n_ids[ft[f]] += off[(f + 1) * B] - off[f * B];
+  }
+  const int64_t total_rows = slot.size(0);
+  std::vector<TableOut> outs(T);
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      if (feats[t].empty() || n_ids[t] == 0) continue;
+      const int64_t rows = (t + 1 < T ? rof[t + 1] : total_rows) - rof[t];
+#define TAILREC_CASE(DD) case DD: run_table<DD>(hp, in, feats[t], rows, rof[t], wof[t], DD, n_ids[t], outs[t]); break;
+      switch (dim[t]) {
+        TAILREC_CASE(4) TAILREC_CASE(8) TAILREC_CASE(16) TAILREC_CASE(20) TAILREC_CASE(32)
+        TAILREC_CASE(36) TAILREC_CASE(64) TAILREC_CASE(68) TAILREC_CASE(128) TAILREC_CASE(132)
+        default: run_table<0>(hp, in, feats[t], rows, rof[t], wof[t], dim[t], n_ids[t], outs[t]);
+      }
+#undef TAILREC_CASE
+    }
+  });
+  int64_t U = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(outs[t].error.empty(), "tailrec kernel, table ", t, ": ", outs[t].error);
+    U += (int64_t)outs[t].keys.size();
+  }
+  auto keys_t = torch::empty({U}, torch::kInt64);
+  auto lam_t = torch::empty({U}, torch::kFloat32);
+  auto upd_t = torch::empty({U}, torch::kBool);
+  int64_t pos = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = (int64_t)outs[t].keys.size();
+    if (!n) continue;
+    std::memcpy(keys_t.data_ptr<int64_t>() + pos, outs[t].keys.data(), n * sizeof(int64_t));
+    std::memcpy(lam_t.data_ptr<float>() + pos, outs[t].lam.data(), n * sizeof(float));
+    std::memcpy(upd_t.data_ptr<bool>() + pos, outs[t].upd.data(), n);
+    pos += n;
+  }
+  return {keys_t, lam_t, upd_t};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tailrec_update", &tailrec_update, "tailrec fused backward + update (CPU)");
+}
