@@ -2,8 +2,8 @@
 # All ablation runs behind reports/*/README.md, in priority order (CPU: 2 shared cores, ~15 s/run).
 # Datasets (prepare once, from the repository root):
 #   python -c "from trainer.demo import prepare_dataset; from pathlib import Path; prepare_dataset(Path('runs/demo'), 200000)"
-#   python -m trainer convert movielens --src /work/shared/data/ml-latest-small --out runs/ml_latest/dataset
-#   python -m trainer convert criteo --src /work/shared/data/criteo/kaggle_train_head1999.txt --out runs/criteo_small/dataset --min-count 2
+#   python -m trainer convert movielens --src path/to/ml-latest-small --out runs/ml_latest/dataset
+#   python -m trainer convert criteo --src path/to/criteo/kaggle_train_head1999.txt --out runs/criteo_small/dataset --min-count 2
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -25,7 +25,7 @@ $A --config configs/ablation_ml_latest.yaml --data runs/ml_latest/dataset --mode
    --optimizers cfsgd:3,counter_sgd:3,exact_sgd:10,exact_rowwise_adagrad:0.05,dense_adam:0.001 \
    --out reports/optimizers_ml_latest --title "Embedding optimizers, ml-latest-small, DeepFM, baseline mode" \
    --notes reports/notes/optimizers.md
-# E. lexico with the h-clip of ALGORITHMS.md s8 (||h_i|| <= 1 * ||g_i||) on the planted data
+# E. lexico with the h-clip (docs/ALGORITHMS.md §3 edge case 3) (||h_i|| <= 1 * ||g_i||) on the planted data
 $A --config configs/ablation_generated.yaml --data runs/demo/dataset --models deepfm --optimizers cfsgd:3 \
    --modes baseline,lexico,both --out reports/planted_generated_hclip --embedding.optimizer.lexico_h_clip=1.0 \
    --title "Planted data: lexico with h clipped to ||g|| (lexico_h_clip=1)" --notes reports/notes/hclip.md

@@ -83,6 +83,9 @@ def _forbidden(graph: dict[str, set[str]]) -> list[str]:
 def test_layering():
     bad = _forbidden(GRAPH)
     assert not bad, "forbidden imports:\n" + "\n".join(bad)
+    # deploy needs only the launcher's argument builder (TorchX builds the torchrun part)
+    assert {d for m, deps in GRAPH.items() if m.startswith("deploy") for d in deps
+            if d.startswith("trainer")} <= {"trainer.launch"}
 
 
 def test_layering_check_catches_forbidden_imports():

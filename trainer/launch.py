@@ -51,6 +51,15 @@ def trainer_command(command_name: str = "train", config: str | Path | None = Non
     return command(trainer_args(command_name, config, overrides), nproc=nproc, **kw)
 
 
+def shown(cmd: Sequence[str]) -> str:
+    """A command as a shell line, with paths inside this repository written relative to it (for logs and
+    the command files of reports, which must not carry this machine's absolute paths)."""
+    import shlex
+
+    root = str(REPO) + os.sep
+    return shlex.join(a.replace(root, "") for a in cmd)
+
+
 def subprocess_env(threads: int | None = None, **extra: str) -> dict[str, str]:
     """Environment for a launched run: this repository importable, one OpenMP thread per rank unless
     the caller set OMP_NUM_THREADS (two ranks on two cores otherwise oversubscribe), and no MASTER_*

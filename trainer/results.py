@@ -21,9 +21,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact_json(obj, width: int = 110, indent: str = "") -> str:
+    """JSON with every value that fits in ``width`` characters on one line (nested ones broken up):
+    the same data as ``json.dumps(indent=...)`` in a fraction of the lines."""
+    flat = json.dumps(obj, default=float)
+    if len(flat) + len(indent) <= width or not isinstance(obj, (dict, list)) or not obj:
+        return flat
+    inner = indent + "  "
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(str(k))}: {compact_json(v, width, inner).lstrip()}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    items = [inner + compact_json(v, width, inner).lstrip() for v in obj]
+    return "[\n" + ",\n".join(items) + f"\n{indent}]"
+
+
 def write_results(run_dir: str | Path, results: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (run_dir / "results.json").write_text(compact_json(results) + "\n")
     (run_dir / "results.md").write_text(markdown(results))
     return run_dir / "results.json"

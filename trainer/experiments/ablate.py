@@ -30,6 +30,7 @@ import numpy as np
 
 from trainer import launch
 from trainer.evaluation import RESULT_GROUPS
+from trainer.results import compact_json
 
 REPO = launch.REPO
 MODES = ("baseline", "plus_t", "select", "lexico", "both")
@@ -113,7 +114,7 @@ def run_grid(combos: list[Combo], config: str, data: str, out: Path, jobs: int =
             rd = runs / c.name
             rd.mkdir(parents=True, exist_ok=True)
             cmd = run_cmd(c, config, data, rd, nproc, extra)
-            (rd / "command.txt").write_text(shlex.join(cmd) + "\n")
+            (rd / "command.txt").write_text(launch.shown(cmd) + "\n")
             fh = open(rd / "train.log", "w")
             running.append((c, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT),
                             time.time(), fh))
@@ -267,8 +268,8 @@ def write_report(out: Path, combos: list[Combo], title: str, command: str, notes
              markdown_tables(rows)]
     for p in pngs:
         text += [f"![{p.stem}]({p.name})", ""]
-    (out / "summary.json").write_text(json.dumps(
-        [{k: v for k, v in g.items() if k != "history"} for g in rows], indent=1, default=float))
+    (out / "summary.json").write_text(compact_json([{k: v for k, v in g.items() if k != "history"} for g in rows])
+                                      + "\n")
     readme = out / "README.md"
     readme.write_text("\n".join(text))
     return readme

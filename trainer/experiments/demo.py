@@ -32,5 +32,5 @@ def run_demo(out: str, rows: int, nproc: int, overrides: list[str]) -> int:
     ds = prepare_dataset(out_p, rows)
     cmd = launch.trainer_command("train", DEMO_CONFIG, [f"--data.path={ds}", f"--run_dir={out_p / 'train'}",
                                                         *overrides], nproc=nproc)
-    print("+", " ".join(cmd), flush=True)
+    print("+", launch.shown(cmd), flush=True)
     return subprocess.call(cmd, env=launch.subprocess_env())
