@@ -6,6 +6,7 @@ import sys
 
 from data.errors import DataError
 from trainer.config_base import ConfigError
+from trainer.errors import RunError
 
 
 def _train(args, overrides: list[str]) -> int:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "takes_overrides", False):
             return args.func(args, rest)
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunError) as e:
         print(f"tailrec: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,18 @@ def _choice(where: str, name: str, value: str, allowed: tuple[str, ...]) -> None
         raise ConfigError(f"{where}.{name}: {value!r} is not one of {list(allowed)}")
 
 
+def _number(where: str, name: str, value: float, low: float = -math.inf, *, strict: bool = False,
+            high: float = math.inf, allow_inf: bool = False) -> None:
+    """``value`` must be a real number (no NaN; inf only with ``allow_inf``) in [low, high] (``strict``:
+    greater than ``low``). NaN compares false with everything, so it is named explicitly."""
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ConfigError(f"{where}.{name}: must be a finite number, got {value!r}")
+    if (value <= low if strict else value < low) or value > high:
+        lo = f"> {low:g}" if strict else f">= {low:g}"
+        rng = lo if high == math.inf else f"{lo} and <= {high:g}"
+        raise ConfigError(f"{where}.{name}: must be {rng}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     path: str = "runs/demo/dataset"    # converted dataset directory (holds manifest.json)
@@ -34,8 +46,9 @@ class DataConfig:
     bucket_feature: str = ""           # feature whose id frequency defines head/torso/tail eval buckets
 
     def validate(self, where: str) -> None:
-        if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise ConfigError(f"{where}: batch sizes must be positive")
+        for name in ("batch_size", "eval_batch_size", "shuffle_buffer"):
+            _number(where, name, getattr(self, name), 1)
+        _number(where, "prefetch", self.prefetch, 0)
 
 
 @dataclass
@@ -57,8 +70,15 @@ class EmbOptimConfig:
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, EMB_OPTIMIZERS)
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr: must be positive")
+        _number(where, "lr", self.lr, 0, strict=True)
+        _number(where, "eps", self.eps, 0)
+        _number(where, "weight_decay", self.weight_decay, 0)
+        _number(where, "counter_halflife", self.counter_halflife)
+        _number(where, "adjustment_ub", self.adjustment_ub, 0, strict=True)
+        _number(where, "lr_max", self.lr_max, 0, strict=True, allow_inf=True)
+        _number(where, "lexico_alpha", self.lexico_alpha, 0, strict=True)
+        _number(where, "lexico_lambda_max", self.lexico_lambda_max, 0, strict=True, allow_inf=True)
+        _number(where, "lexico_h_clip", self.lexico_h_clip, 0)
         if self.lexico and self.name not in STEP_RULES:
             raise ConfigError(f"{where}.lexico: needs one of our kernels {list(STEP_RULES)}, not {self.name}")
 
@@ -73,6 +93,8 @@ class TableConfig:
     def validate(self, where: str) -> None:
         if self.sharding_type is not None:
             _choice(where, "sharding_type", self.sharding_type, SHARDING_TYPES)
+        if self.dim is not None:
+            _number(where, "dim", self.dim, 1)
 
 
 @dataclass
@@ -86,6 +108,8 @@ class EmbeddingConfig:
 
     def validate(self, where: str) -> None:
         _choice(where, "sharding_type", self.sharding_type, SHARDING_TYPES)
+        _number(where, "dim", self.dim, 1)
+        _number(where, "init_scale", self.init_scale, 0)
 
     def for_table(self, name: str) -> tuple[int, str, EmbOptimConfig]:
         t = self.tables.get(name, TableConfig())
@@ -101,6 +125,9 @@ class DenseOptimConfig:
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, ("adam", "sgd", "adagrad"))
+        _number(where, "lr", self.lr, 0, strict=True)
+        _number(where, "weight_decay", self.weight_decay, 0)
+        _number(where, "clip_grad_norm", self.clip_grad_norm, 0)
 
 
 @dataclass
@@ -117,6 +144,11 @@ class TrainConfig:
 
     def validate(self, where: str) -> None:
         _choice(where, "device", self.device, ("auto", "cpu", "cuda"))
+        _number(where, "epochs", self.epochs, 1)
+        _number(where, "log_every", self.log_every, 1)
+        _number(where, "eval_every_epochs", self.eval_every_epochs, 1)
+        for name in ("max_steps", "early_stop_patience", "threads"):
+            _number(where, name, getattr(self, name), 0)
 
 
 @dataclass
@@ -126,6 +158,10 @@ class CheckpointConfig:
     keep: int = 2
     resume: bool = True                # load the latest complete checkpoint when present
 
+    def validate(self, where: str) -> None:
+        _number(where, "every_steps", self.every_steps, 0)
+        _number(where, "keep", self.keep, 0)   # 0 keeps every checkpoint
+
 
 @dataclass
 class MetricsConfig:
@@ -133,6 +169,9 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     base_port: int = 9400              # rank r serves on base_port + LOCAL_RANK
     pushgateway: str = ""              # host:port; push end-of-run metrics when set
+
+    def validate(self, where: str) -> None:
+        _number(where, "base_port", self.base_port, 1, high=65535)
 
 
 @dataclass
@@ -155,6 +194,12 @@ class TransferConfig:
     def validate(self, where: str) -> None:
         _choice(where, "mode", self.mode, TRANSFER_MODES)
         _choice(where, "loss", self.loss, TRANSFER_LOSSES)
+        _number(where, "weight", self.weight, 0)
+        _number(where, "source_frac", self.source_frac, 0, strict=True, high=1)
+        _number(where, "eta_quantile", self.eta_quantile, 0, high=1)
+        _number(where, "frage_lr", self.frage_lr, 0, strict=True)
+        for i, scale in enumerate(self.mmd_sigma_scales):
+            _number(where, f"mmd_sigma_scales[{i}]", scale, 0, strict=True)
 
 
 @dataclass

@@ -175,11 +175,34 @@ def read_with_includes(path: str | Path, _seen: tuple = ()) -> dict:
     return _deep_merge(read_with_includes(path.parent / base, _seen + (path,)), data)
 
 
+def _override_key(item: str) -> str:
+    body = item[2:] if item.startswith("--") else item
+    return body.split("=", 1)[0]
+
+
+def _blame(message: str, root: str, overrides: list[str]) -> str:
+    """Report an error in a field that a command-line override set against that override, not against
+    the YAML file that merely holds the rest of the config."""
+    if not message.startswith(root + "."):
+        return message
+    key = message[len(root) + 1:].split(":", 1)[0]
+    for item in reversed(overrides):      # the last override of a key is the one that counts
+        ok = _override_key(item)
+        if key == ok or key.startswith(ok + ".") or key.startswith(ok + "[") or ok.startswith(key + "."):
+            return f"override {item}: {message[len(root) + 1:]}"
+    return message
+
+
 def load(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """File (with its ``include:`` chain) + overrides -> typed config."""
+    overrides = list(overrides or [])
     data = read_with_includes(path) if path is not None else {}
-    apply_overrides(data, overrides or [])
-    return from_dict(cls, data, str(path) if path else "config")
+    apply_overrides(data, overrides)
+    root = str(path) if path else "config"
+    try:
+        return from_dict(cls, data, root)
+    except ConfigError as e:
+        raise ConfigError(_blame(str(e), root, overrides)) from None
 
 
 def dump(obj: Any, path: str | Path) -> None:

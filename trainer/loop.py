@@ -22,6 +22,8 @@ from models import build_model, table_dim
 from trainer import config_base
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config
+from trainer.config_base import ConfigError
+from trainer.errors import RunError, TrainingDiverged
 from trainer.dist import DistEnv
 from trainer.evaluation import evaluate
 from trainer.dense_optimizer import build_dense_optimizer
@@ -60,12 +62,50 @@ def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[E
     return tables
 
 
+class LossWatch:
+    """Remembers, on the device, the first step whose loss was NaN or inf; ``check`` (a collective: call
+    it on every rank at the same point) reads it, so the step path never waits on the host for it."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        self.first = torch.where(torch.isfinite(loss.detach()).all(), self.first, self.first.clamp(max=step))
+
+    def check(self, where: str) -> None:
+        first = self.first.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = int(first)
+        if step != self.NONE:
+            raise TrainingDiverged(
+                f"the training loss became NaN or inf at step {step} (found {where}); stopped before writing "
+                "a checkpoint of these weights. Lower embedding.optimizer.lr or dense_optim.lr, or check the "
+                "input data; the last complete checkpoint (if any) is unchanged.")
+
+
+def _check_feature_names(cfg: Config, features: list[str], in_dataset: list[str]) -> None:
+    """Names in the config that must be features of this dataset (a typo would be silently ignored)."""
+    for f in cfg.data.features:
+        if f not in in_dataset:
+            raise ConfigError(f"data.features: {f!r} is not a feature of {cfg.data.path} ({in_dataset})")
+    for name in cfg.embedding.tables:
+        if name not in features:
+            raise ConfigError(f"embedding.tables.{name}: no such feature in this run ({features})")
+    if cfg.data.bucket_feature and cfg.data.bucket_feature not in features:
+        raise ConfigError(f"data.bucket_feature: {cfg.data.bucket_feature!r} is not a feature of this run "
+                          f"({features})")
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, metrics=None):
         self.cfg, self.env, self.metrics = cfg, env, metrics
         self.run_dir = Path(cfg.run_dir)
         self.manifest = load_manifest(cfg.data.path)
         self.features = cfg.data.features or [f.name for f in self.manifest.sparse_features]
+        _check_feature_names(cfg, self.features, [f.name for f in self.manifest.sparse_features])
         transfer_wiring.prepare_config(cfg)   # lexico on for transfer tables in lexico/both modes
         self.tables = build_tables(cfg, self.manifest, self.features)
         model = build_model(cfg.model, self.tables, num_dense=len(self.manifest.dense_features),
@@ -89,6 +129,7 @@ class Trainer:
         self.checkpointer = Checkpointer(ck_dir, env.rank, cfg.checkpoint.keep)
         self.state = TrainState()
         self.table_lr = {t.name: cfg.embedding.for_table(t.name)[2].lr for t in self.tables}
+        self.loss_watch = LossWatch(env.device)
 
     def _loader(self, split: str) -> ParquetLoader:
         d, train = self.cfg.data, split == "train"
@@ -124,6 +165,7 @@ class Trainer:
                     dist.broadcast(buf, src=0)
 
     def save_checkpoint(self) -> None:
+        self.loss_watch.check(f"before the checkpoint of step {self.state.step}")
         self._sync_replicated_buffers()
         dur = self.checkpointer.save(self.state.step, self._app_state(), asdict(self.state) | {
             "world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)})
@@ -132,16 +174,35 @@ class Trainer:
         log.info("checkpoint step %d saved in %.2fs", self.state.step, dur)
 
     def maybe_resume(self) -> bool:
-        path = self.checkpointer.latest() if self.cfg.checkpoint.resume else None
-        if path is None:
+        """Load the newest usable checkpoint (a damaged newest one falls back to the previous)."""
+        if not self.cfg.checkpoint.resume or self.checkpointer.latest() is None:
             return False
-        self.load_checkpoint(path)
+        path = self.load_checkpoint()
+        self._refuse_finished_run(path)
         return True
 
-    def load_checkpoint(self, path: Path) -> None:
+    def _refuse_finished_run(self, path: Path) -> None:
+        """Relaunching a run that already finished would train 0 steps and report the old numbers as a
+        new success: say so instead. (A finished checkpoint without results.json, i.e. a crash between
+        the last checkpoint and the results, is completed normally.)"""
+        st, tc = self.state, self.cfg.train
+        finished = st.done or st.epoch >= tc.epochs or (tc.max_steps and st.step >= tc.max_steps)
+        results = self.run_dir / "results.json"
+        if finished and results.exists():
+            raise RunError(
+                f"{self.run_dir} holds a finished run (checkpoint {path.name}: epoch {st.epoch} of {tc.epochs}, "
+                f"step {st.step}); its results are in {results}. To train again from scratch use "
+                f"--checkpoint.resume=false (replaces its checkpoints) or a new --run_dir; to train longer "
+                f"raise --train.epochs / --train.max_steps.")
+
+    def load_checkpoint(self, path: Path | None = None) -> Path:
+        """Load ``path``, or (None) the newest usable checkpoint; returns the path loaded."""
         self.optimizer.init_state()  # materialise Adam state so DCP can load into it
         st = self._app_state()
-        meta = self.checkpointer.load(path, st)
+        if path is None:
+            path, meta = self.checkpointer.load_latest(st)
+        else:
+            meta = self.checkpointer.load(path, st)
         self.dmp.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["dense_optim"])
         self.dmp.fused_optimizer.load_state_dict(st["fused_optim"])
@@ -156,6 +217,7 @@ class Trainer:
         set_optimizer_step(self.dmp, self.state.step)
         log.info("loaded %s: epoch %d step %d (saved by %d ranks)", path, self.state.epoch, self.state.step,
                  saved_world)
+        return path
 
     # ---------------------------------------------------------------- training
     def train(self) -> dict:
@@ -209,6 +271,7 @@ class Trainer:
                 return True
             self.state.step += 1
             self.state.step_in_epoch += 1
+            self.loss_watch.observe(loss, self.state.step)
             if self.transfer:
                 self.transfer.after_step(self.state.step)   # FRAGE D step, transfer/lambda stats
             now = time.perf_counter()
@@ -220,6 +283,7 @@ class Trainer:
             t_last, wait_last = now, it.wait_s
             bar.update(1)
             if self.state.step % cfg.log_every == 0:
+                self.loss_watch.check(f"at the log step {self.state.step}")
                 bar.set_postfix(loss=f"{float(loss):.4f}")
                 self._export_optimizer_stats()
             if ck.every_steps and self.state.step % ck.every_steps == 0:
@@ -248,6 +312,7 @@ class Trainer:
                         self.cfg.data.bucket_feature, progress=bar, group_of_id=self.group_of_id)
 
     def _evaluate_and_select(self) -> None:
+        self.loss_watch.check(f"before the evaluation at step {self.state.step}")
         valid, test = self.evaluate_split("valid"), self.evaluate_split("test")
         entry = {"epoch": self.state.epoch, "step": self.state.step, "valid": valid, "test": test}
         if self.transfer:

@@ -9,6 +9,7 @@ import torch
 
 from trainer import config_base
 from trainer.config import Config
+from trainer.config_base import ConfigError
 from trainer.dist import init_distributed, shutdown
 from trainer.results import markdown, write_results
 
@@ -20,7 +21,10 @@ def _make_metrics(cfg: Config, env):
         return None
     from trainer.metrics import PrometheusMetrics, restart_count
 
-    m = PrometheusMetrics(cfg.metrics, env.rank, env.local_rank, env.world_size)
+    try:
+        m = PrometheusMetrics(cfg.metrics, env.rank, env.local_rank, env.world_size)
+    except OSError as e:  # port taken / not bindable: a configuration problem, exit 2
+        raise ConfigError(str(e)) from None
     m.on_restart(restart_count())
     log.info("metrics on %s", m.url)
     return m
