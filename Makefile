@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCHREC := torchrec==1.8.0
 RUN ?= runs/demo
 
-.PHONY: setup demo test test-fast bench bench-data bench-kernel bench-train clean
+.PHONY: setup system-deps demo test test-fast bench bench-data bench-kernel bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Debian's prometheus package: the real server + promtool the metrics tests start (needs root / apt)
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 demo: $(STAMP)
 	$(BIN)/tailrec demo --out $(RUN)

@@ -3,7 +3,7 @@
 Each rank serves ``/metrics`` on ``cfg.host:cfg.base_port + LOCAL_RANK`` (127.0.0.1 by default:
 exposing training internals on all interfaces is an explicit choice, e.g. ``--metrics.host=0.0.0.0``
 inside a pod). Every series carries a ``rank`` label; the other labels have bounded values only
-(table, optimizer, split, bucket, quantile, stat) -- never ids, steps or file names.
+(table, optimizer, split, bucket, percentile) -- never ids, steps or file names.
 
 Who calls what (the training loop):
 - every step: ``on_step(examples, step_seconds, data_wait_seconds, loss, lr)``; ``step_seconds`` is
@@ -28,15 +28,18 @@ import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 from typing import Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, pushadd_to_gateway
 
 from data.manifest import SPLITS
 from trainer.config import MetricsConfig
 from trainer.evaluation import RESULT_GROUPS as BUCKETS   # eval label values (bounded)
-# input key -> Prometheus quantile label (summary convention: quantile="0.99"; max is quantile 1)
-COUNTER_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99", "max": "1"}
-LAMBDA_STATS = ("mean", "p50", "p90", "max")
+# Percentiles over the rows a step touched, as kernel_stats reports them (p50, p90, p99; max = p100).
+# One aggregation per metric, labelled `percentile` ("quantile" is reserved for summaries: promtool).
+PERCENTILES = {"p50": "p50", "p90": "p90", "p99": "p99", "max": "p100"}
+
+# `_created` series (one per counter/histogram) are noise for our dashboards: not exported at all.
+disable_created_metrics()
 
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _CKPT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -52,11 +55,12 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tailrec_train_loss": ("gauge", "Training loss of the last step (this rank's batch)", ()),
     "tailrec_embedding_learning_rate": (
         "gauge", "Current base learning rate per embedding table ('dense' = dense optimizer)", ("table",)),
-    "tailrec_cfsgd_counter": (
-        "gauge", "Quantiles of the per-row frequency counters of touched rows on this rank's shard",
-        ("table", "optimizer", "quantile")),
+    "tailrec_cfsgd_row_frequency": (
+        "gauge", "Percentiles of the CF-SGD per-row frequency counters over the rows touched in the last step "
+        "on this rank's shard", ("table", "optimizer", "percentile")),
     "tailrec_lexico_lambda": (
-        "gauge", "Statistics of the item-wise lexico multipliers lambda_i", ("table", "optimizer", "stat")),
+        "gauge", "Percentiles of the item-wise lexico multipliers lambda_i over the rows updated in the last step",
+        ("table", "optimizer", "percentile")),
     "tailrec_lexico_barrier_active_ratio": (
         "gauge", "Fraction of touched rows whose lexico barrier is active", ("table", "optimizer")),
     "tailrec_eval_auc": ("gauge", "Global evaluation AUC (rank 0 exports)", ("split", "bucket")),
@@ -79,7 +83,7 @@ _PUSH_SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 
 def _exported(name: str, kind: str) -> list[str]:
-    # _created series are left out on purpose: dashboards never query them.
+    # _created series are not exported (disable_created_metrics above).
     if kind == "counter":
         return [name + "_total"]
     if kind == "histogram":
@@ -102,6 +106,13 @@ def _build(specs: dict, registry: CollectorRegistry) -> dict:
             kw["buckets"] = _CKPT_BUCKETS if "checkpoint" in name else _STEP_BUCKETS
         out[name] = kinds[kind](name, doc, ("rank", *labels), registry=registry, **kw)
     return out
+
+
+def _percentile(what: str, key: str) -> str:
+    if key not in PERCENTILES:
+        extra = ", 'active_ratio'" if what == "lambda" else ""
+        raise ValueError(f"{what} statistic {key!r} is not one of {list(PERCENTILES)}{extra}")
+    return PERCENTILES[key]
 
 
 def rss_bytes() -> int:
@@ -211,17 +222,14 @@ class PrometheusMetrics:
     def on_optimizer_stats(self, table: str, optimizer: str, counter_quantiles: dict[str, float] | None,
                            lambda_stats: dict[str, float] | None) -> None:
         for key, value in (counter_quantiles or {}).items():
-            if key not in COUNTER_QUANTILES:
-                raise ValueError(f"counter quantile {key!r} is not one of {list(COUNTER_QUANTILES)}")
-            self._labels("tailrec_cfsgd_counter", table=table, optimizer=optimizer,
-                         quantile=COUNTER_QUANTILES[key]).set(value)
+            self._labels("tailrec_cfsgd_row_frequency", table=table, optimizer=optimizer,
+                         percentile=_percentile("counter", key)).set(value)
         for key, value in (lambda_stats or {}).items():
             if key == "active_ratio":
                 self._labels("tailrec_lexico_barrier_active_ratio", table=table, optimizer=optimizer).set(value)
-            elif key in LAMBDA_STATS:
-                self._labels("tailrec_lexico_lambda", table=table, optimizer=optimizer, stat=key).set(value)
             else:
-                raise ValueError(f"lambda stat {key!r} is not one of {['active_ratio', *LAMBDA_STATS]}")
+                self._labels("tailrec_lexico_lambda", table=table, optimizer=optimizer,
+                             percentile=_percentile("lambda", key)).set(value)
 
     def on_eval(self, split: str, bucket: str, auc: float, logloss: float, ne: float) -> None:
         if split not in SPLITS or bucket not in BUCKETS:

@@ -90,7 +90,7 @@ def test_required_views_present():
     for needle in ("sum(rate(tailrec_train_examples_total", "sum by (rank) (rate(tailrec_train_examples_total",
                    "histogram_quantile(0.5,", "histogram_quantile(0.99,", "tailrec_dataloader_wait_seconds_total",
                    "time() - max(tailrec_checkpoint_last_success_timestamp_seconds)", "tailrec_restarts",
-                   "tailrec_eval_auc", "tailrec_eval_ne", "tailrec_eval_logloss", "tailrec_cfsgd_counter",
+                   "tailrec_eval_auc", "tailrec_eval_ne", "tailrec_eval_logloss", "tailrec_cfsgd_row_frequency",
                    "tailrec_lexico_lambda", "tailrec_lexico_barrier_active_ratio",
                    "tailrec_process_resident_memory_bytes"):
         assert needle in text, needle
@@ -117,7 +117,7 @@ def scrapes():
                 for _ in range(3):
                     m.on_step(100, 0.03 if r == 0 else 0.3, 0.01, 0.7 - 0.01 * k, lr={"movie_id": 0.05})
                 m.on_optimizer_stats("movie_id", "cfsgd", {"p50": 1, "p90": 4, "p99": 9, "max": 50 + k},
-                                     {"active_ratio": 0.2, "mean": 0.3, "p50": 0.1, "p90": 0.8, "max": 4.0})
+                                     {"active_ratio": 0.2, "p50": 0.1, "p90": 0.8, "max": 4.0})
                 m.update_memory()
                 m.on_restart(0)
                 if k == 4:

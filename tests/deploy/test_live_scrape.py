@@ -60,7 +60,7 @@ def _save_report(job, per_rank, tmp_path: Path) -> None:
     wanted = re.compile(r"^(tailrec_(train_examples_total|train_steps_total|train_loss|dataloader_wait_seconds_total"
                         r"|train_step_duration_seconds_(count|sum)|eval_auc\{.*bucket=\"all\"|restarts"
                         r"|process_resident_memory_bytes|checkpoint_last_success|embedding_learning_rate"
-                        r"|cfsgd_counter|lexico_lambda\{.*stat=\"mean\")).*")
+                        r"|cfsgd_row_frequency|lexico_lambda\{.*percentile=\"p50\")).*")
     lines = ["# Live scrapes of a real 2-rank torchrun job (gloo, CPU), made by tests/deploy/test_live_scrape.py",
              f"# urls: {' '.join(job.urls)}", ""]
     for rank in (0, 1):

@@ -67,7 +67,7 @@ def test_step_metrics_move_over_http(exporter):
 def test_optimizer_eval_checkpoint_restart_memory(exporter):
     m = exporter(rank=0)
     m.on_optimizer_stats("movie_id", "cfsgd", {"p50": 1, "p90": 4, "p99": 30, "max": 900},
-                         {"active_ratio": 0.25, "mean": 0.4, "p50": 0.1, "p90": 1.2, "max": 10.0})
+                         {"active_ratio": 0.25, "p50": 0.1, "p90": 1.2, "max": 10.0})
     m.on_optimizer_stats("user_id", "exact_sgd", None, None)  # baselines have neither
     m.on_eval("valid", "tail", auc=0.71, logloss=0.55, ne=0.93)
     m.on_checkpoint(duration_seconds=3.0, timestamp=1_700_000_000.0)
@@ -75,9 +75,9 @@ def test_optimizer_eval_checkpoint_restart_memory(exporter):
     m.update_memory()
     s = scrape(m.url)
     lbl = dict(rank=0, table="movie_id", optimizer="cfsgd")
-    assert value(s, "tailrec_cfsgd_counter", quantile="0.99", **lbl) == 30
-    assert value(s, "tailrec_cfsgd_counter", quantile="1", **lbl) == 900
-    assert value(s, "tailrec_lexico_lambda", stat="p90", **lbl) == 1.2
+    assert value(s, "tailrec_cfsgd_row_frequency", percentile="p99", **lbl) == 30
+    assert value(s, "tailrec_cfsgd_row_frequency", percentile="p100", **lbl) == 900
+    assert value(s, "tailrec_lexico_lambda", percentile="p90", **lbl) == 1.2
     assert value(s, "tailrec_lexico_barrier_active_ratio", **lbl) == 0.25
     assert value(s, "tailrec_eval_auc", rank=0, split="valid", bucket="tail") == 0.71
     assert value(s, "tailrec_eval_logloss", rank=0, split="valid", bucket="tail") == 0.55
@@ -101,7 +101,7 @@ def test_eval_only_exported_by_rank0_and_labels_validated(exporter):
 def test_every_series_has_rank_and_only_bounded_labels(exporter):
     m = exporter(rank=0)
     m.on_step(8, 0.01, 0.0, 0.6, lr={"t": 0.1})
-    m.on_optimizer_stats("t", "cfsgd", {"p50": 1}, {"mean": 0.2, "active_ratio": 0.1})
+    m.on_optimizer_stats("t", "cfsgd", {"p50": 1}, {"p50": 0.2, "active_ratio": 0.1})
     m.on_eval("test", "head", 0.8, 0.4, 0.9)
     m.on_checkpoint(1.0, 1.0)
     m.on_restart(0)
