@@ -59,15 +59,15 @@ EOF
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin tailrec \
  && mkdir -p /app/runs /data \
  && chown -R tailrec:tailrec /app/runs /data
-USER tailrec
+USER 10001:10001
 
 # Rank r serves Prometheus metrics on 9400 + local rank (metrics.enabled=true; the component's
 # cluster profiles bind 0.0.0.0 inside the container).
 EXPOSE 9400-9407
-# Healthy = local rank 0 answers /metrics. Jobs run with metrics disabled report unhealthy; there,
-# readiness is the process itself (torchrun exits non-zero on failure).
-HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('TAILREC_METRICS_PORT', '9400'), timeout=4)"]
+# Healthy = local rank 0's trainer touched its heartbeat file recently (trainer/health.py): it exists
+# with metrics on or off. Evaluations/checkpoints get TAILREC_HEALTH_MAX_AGE (default 900 s) per beat.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["python", "-m", "trainer.health"]
 
 ENTRYPOINT ["tailrec-entrypoint"]
 CMD ["--help"]

@@ -24,6 +24,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import Config
 from trainer.config_base import ConfigError
 from trainer.errors import RunError, TrainingDiverged
+from trainer.health import Heartbeat
 from trainer.dist import DistEnv
 from trainer.evaluation import evaluate
 from trainer.dense_optimizer import build_dense_optimizer
@@ -130,6 +131,8 @@ class Trainer:
         self.state = TrainState()
         self.table_lr = {t.name: cfg.embedding.for_table(t.name)[2].lr for t in self.tables}
         self.loss_watch = LossWatch(env.device)
+        self.heartbeat = Heartbeat(env.local_rank)
+        self.heartbeat.beat("built")
 
     def _loader(self, split: str) -> ParquetLoader:
         d, train = self.cfg.data, split == "train"
@@ -169,6 +172,7 @@ class Trainer:
         self._sync_replicated_buffers()
         dur = self.checkpointer.save(self.state.step, self._app_state(), asdict(self.state) | {
             "world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)})
+        self.heartbeat.beat(f"checkpoint {self.state.step}")
         if self.metrics:
             self.metrics.on_checkpoint(dur, time.time())
         log.info("checkpoint step %d saved in %.2fs", self.state.step, dur)
@@ -284,6 +288,7 @@ class Trainer:
             bar.update(1)
             if self.state.step % cfg.log_every == 0:
                 self.loss_watch.check(f"at the log step {self.state.step}")
+                self.heartbeat.beat(f"step {self.state.step}")
                 bar.set_postfix(loss=f"{float(loss):.4f}")
                 self._export_optimizer_stats()
             if ck.every_steps and self.state.step % ck.every_steps == 0:
@@ -313,7 +318,9 @@ class Trainer:
 
     def _evaluate_and_select(self) -> None:
         self.loss_watch.check(f"before the evaluation at step {self.state.step}")
+        self.heartbeat.beat("evaluating")
         valid, test = self.evaluate_split("valid"), self.evaluate_split("test")
+        self.heartbeat.beat("evaluated")
         entry = {"epoch": self.state.epoch, "step": self.state.step, "valid": valid, "test": test}
         if self.transfer:
             entry["transfer"] = self.transfer.flush_metrics()

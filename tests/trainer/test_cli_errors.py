@@ -72,8 +72,8 @@ def test_metrics_port_in_use_exits_2_with_the_message(capsys, tiny_ml, tmp_path)
 def _train(tmp_path, tiny_ml, *overrides):
     cmd = launch.trainer_command("train", CONFIG, [f"--data.path={tiny_ml}", f"--run_dir={tmp_path / 'run'}",
                                                    "--data.batch_size=256", "--train.device=cpu", *overrides])
-    return subprocess.run(cmd, cwd=REPO, env=launch.subprocess_env(threads=1), capture_output=True, text=True,
-                          timeout=300)
+    env = launch.subprocess_env(threads=1, TAILREC_HEARTBEAT_DIR=str(tmp_path / "hb"))
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.dist
@@ -103,3 +103,5 @@ def test_relaunching_a_finished_run_says_so(tiny_ml, tmp_path):
     proc = _train(tmp_path, tiny_ml, "--train.epochs=1", "--train.max_steps=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 5
+    # the Docker HEALTHCHECK's heartbeat: written by the trainer, metrics off
+    assert (tmp_path / "hb" / "tailrec-heartbeat-0").read_text().split()[1] in ("checkpoint", "evaluated")
