@@ -25,20 +25,26 @@ except ModuleNotFoundError:
 from trainer.launch import TRAINER_MODULE, trainer_args
 
 
+# "Not given" for each parameter: the profile's value is used. Plain int/str defaults (not Optional[...])
+# so that `torchx run ... --help` shows the real types (torchx 0.7 renders any Optional as `str`).
+UNSET_INT = -1
+UNSET_STR = ""
+
+
+def _given(value) -> bool:
+    return value is not None and value != UNSET_INT and value != UNSET_STR
+
+
 def _explicit(profile: Profile, **given) -> Profile:
-    """Profile values, overridden by the arguments actually given (None = not given)."""
-    # The torchx CLI hands Optional[int] over as str; coerce here so both entry paths agree.
-    ints = {"cpu", "gpu", "memMB", "metrics_port", "max_retries", "max_restarts"}
+    """Profile values, overridden by the arguments actually given."""
     for key, value in given.items():
-        if value is None:
+        if not _given(value):
             continue
         if key == "env":
             value = {**profile.env, **value}  # merge: a profile's NCCL vars survive `--env FOO=1`
-        elif key in ints:
-            value = int(value)
         setattr(profile, key, value)
     # An explicit cpu/gpu/memMB means "not the profile's named host type".
-    if given.get("h") is None and any(given.get(k) is not None for k in ("cpu", "gpu", "memMB")):
+    if not _given(given.get("h")) and any(_given(given.get(k)) for k in ("cpu", "gpu", "memMB")):
         profile.h = None
     profile.validate(f"profile {profile.name} + arguments")
     return profile
@@ -50,40 +56,39 @@ def _metrics_overrides(p: Profile) -> List[str]:
     return ["--metrics.enabled=true", f"--metrics.base_port={p.metrics_port}", f"--metrics.host={p.metrics_host}"]
 
 
-def _add_max_restarts(role: specs.Role, max_restarts: int) -> None:
-    # dist.ddp has no --max-restarts parameter; it builds `bash -c "torchrun ..."`, so insert it there.
-    flag, cmd = role.args
-    if flag != "-c" or not cmd.startswith("torchrun "):
-        raise RuntimeError(f"unexpected dist.ddp command layout (torchx upgrade?): {role.args!r}")
-    role.args = [flag, cmd.replace("torchrun ", f"torchrun --max-restarts {max_restarts} ", 1)]
+# torchx 0.7's dist.ddp has no max_restarts parameter. torchrun reads every option it is not given on
+# its command line from PET_<OPTION> (torch.distributed.argparse_util.env), so the restarts travel in the
+# role's environment instead of being edited into ddp's generated command.
+MAX_RESTARTS_ENV = "PET_MAX_RESTARTS"
 
 
 def train(
     *overrides: str,
     profile: str = "demo-cpu",
-    j: Optional[str] = None,
-    image: Optional[str] = None,
-    h: Optional[str] = None,
-    cpu: Optional[int] = None,
-    gpu: Optional[int] = None,
-    memMB: Optional[int] = None,
+    j: str = UNSET_STR,
+    image: str = UNSET_STR,
+    h: str = UNSET_STR,
+    cpu: int = UNSET_INT,
+    gpu: int = UNSET_INT,
+    memMB: int = UNSET_INT,
     env: Optional[Dict[str, str]] = None,
-    config: Optional[str] = None,
-    metrics_port: Optional[int] = None,
-    max_retries: Optional[int] = None,
-    max_restarts: Optional[int] = None,
+    config: str = UNSET_STR,
+    metrics_port: int = UNSET_INT,
+    max_retries: int = UNSET_INT,
+    max_restarts: int = UNSET_INT,
     mounts: Optional[List[str]] = None,
-    name: Optional[str] = None,
+    name: str = UNSET_STR,
 ) -> specs.AppDef:
     """
     Distributed tailrec training (``python -m trainer train``) under torchrun, from a named profile.
 
     Defaults come from the profile in torchx.yaml; every argument given explicitly overrides the
-    profile's value (env is merged key by key). Rank r serves Prometheus metrics on
+    profile's value (env is merged key by key). -1 / empty = "use the profile's value". The trailing
+    overrides are optional (torchx 0.7's help prints "(required)" for any trailing argument list). Rank r serves Prometheus metrics on
     metrics_port + local rank, exposed as ports ``metrics-<i>``.
 
     Args:
-        overrides: trainer config overrides ``--section.field=value`` (after ``--``), applied last
+        overrides: optional trainer config overrides ``--section.field=value`` (after ``--``), applied last
         profile: named profile in torchx.yaml (demo-cpu, ml1m-1x8gpu, criteo-2x8gpu, ...)
         j: [{min_nnodes}:]{nnodes}x{nproc_per_node}, e.g. 1x2 or 2x8
         image: container image (e.g. tailrec:0.1); ignored by local_cwd
@@ -106,20 +111,19 @@ def train(
         *trainer_args("train", p.config, [*p.overrides, *_metrics_overrides(p), *overrides]),
         m=TRAINER_MODULE,
         image=p.image,
-        name=name or f"tailrec/{p.name}",
+        name=name if _given(name) else f"tailrec/{p.name}",
         h=p.h,
         cpu=p.cpu,
         gpu=p.gpu,
         memMB=p.memMB,
         j=p.j,
-        env={**p.env, "TAILREC_PROFILE": p.name},
+        env={**p.env, "TAILREC_PROFILE": p.name, MAX_RESTARTS_ENV: str(p.max_restarts)},
         max_retries=p.max_retries,
         rdzv_port=p.rdzv_port,
         # ddp wants flat `key=value` options; profiles write one mount per string (docker style)
         mounts=[opt for mount in p.mounts for opt in mount.split(",")] or None,
     )
     role = app.roles[0]
-    _add_max_restarts(role, p.max_restarts)
     if p.metrics_port > 0:
         role.port_map.update({f"metrics-{i}": p.metrics_port + i for i in range(p.nproc_per_node)})
     return app

@@ -50,11 +50,12 @@ def test_demo_profile_dryrun(torchx_dryrun, scheduler):
     argv = torchrun_argv(role)
     assert argv[0] == "torchrun"
     assert flag(argv, "--nnodes") == "1" and flag(argv, "--nproc_per_node") == "2"
-    assert flag(argv, "--max-restarts") == "0"
+    assert role["env"]["PET_MAX_RESTARTS"] == "0" and "--max-restarts" not in argv
     tail = argv[argv.index("-m"):]
     assert tail[:5] == ["-m", "trainer", "train", "--config", "configs/movielens_deepfm.yaml"]
     # profile overrides, then metrics, then the command line's (last wins in the trainer)
-    assert tail[5:] == ["--train.device=cpu", "--metrics.enabled=true", "--metrics.base_port=9400",
+    assert tail[5:] == ["--train.device=cpu", "--run_dir=runs/torchx-demo/train", "--metrics.enabled=true",
+                        "--metrics.base_port=9400",
                         "--metrics.host=127.0.0.1", "--train.max_steps=5"]
     assert role["image"] == "tailrec:0.1"
     assert role["env"]["OMP_NUM_THREADS"] == "1" and role["env"]["TAILREC_PROFILE"] == "demo-cpu"
@@ -72,7 +73,8 @@ def test_criteo_profile_on_slurm_with_explicit_overrides(torchx_dryrun):
     (role,) = app["roles"]
     argv = torchrun_argv(role)
     assert flag(argv, "--nnodes") == "2" and flag(argv, "--nproc_per_node") == "8"
-    assert flag(argv, "--max-restarts") == "5"
+    assert role["env"]["PET_MAX_RESTARTS"] == "5"          # torchrun's own env form of --max-restarts
+    assert "--max-restarts" not in argv                   # ddp's command is not edited
     assert flag(argv, "--config") == "configs/criteo_dlrm.yaml"
     assert "--metrics.host=0.0.0.0" in argv  # scraped through the pod/node network
     assert role["num_replicas"] == 2 and role["max_retries"] == 1
@@ -109,6 +111,19 @@ def test_kubernetes_dryrun(torchx_dryrun):
     assert "queue: default" in request
 
 
+def test_kubernetes_profile_keeps_checkpoints_on_a_pvc(torchx_dryrun):
+    """A rescheduled pod must find its checkpoints: the k8s profile mounts PVCs, never hostPath."""
+    if importlib.util.find_spec("kubernetes") is None:
+        pytest.skip("python package `kubernetes` not installed: torchx's kubernetes dryrun needs it")
+    res = torchx_dryrun("kubernetes", "--profile", "criteo-2x8gpu-k8s")
+    assert res.returncode == 0, res.stderr
+    _, request = parse_dryrun(res.stdout)
+    text = flatten(request)
+    assert "hostPath" not in request and "host_path" not in request
+    assert "claimName: tailrec-runs" in text and "claimName: tailrec-data" in text
+    assert "mountPath: /runs" in text and "--run_dir=/runs/criteo-dlrm" in text
+
+
 def test_kubernetes_appdef_in_process():
     # Same AppDef the kubernetes scheduler turns into pods (port_map -> containerPorts).
     app = train(profile="criteo-2x8gpu", cpu=32, gpu=8, memMB=200_000)
@@ -131,6 +146,11 @@ def test_component_help_lists_arguments(torchx_cli):
     assert res.returncode == 0, res.stderr
     for arg in ("--profile", "-j", "--image", "--env", "--config", "--metrics_port", "--max_restarts"):
         assert arg in res.stdout
+    help_text = " ".join(res.stdout.split())
+    for arg in ("--cpu int", "--gpu int", "--memMB int", "--metrics_port int", "--max_retries int",
+                "--max_restarts int", "--image str", "--config str"):
+        assert arg in help_text, arg                     # typed, not everything "str"
+    assert "optional trainer config overrides" in help_text
 
 
 def test_torchxconfig_default_component(torchx_cli):
@@ -158,7 +178,8 @@ def test_all_profiles_load_and_build():
     assert set(PROFILES) <= set(profiles)
     for name in profiles:
         app = train(profile=name)
-        assert app.roles[0].args[1].startswith("torchrun --max-restarts ")
+        assert app.roles[0].env["PET_MAX_RESTARTS"] == str(profiles[name].max_restarts)
+        assert app.roles[0].args[1].startswith("torchrun ")
         assert (ROOT / profiles[name].config).is_file(), f"{name}: {profiles[name].config} missing"
 
 
