@@ -7,13 +7,14 @@ import sys
 from data.errors import DataError
 from trainer.config_base import ConfigError
 from trainer.errors import RunError
+from trainer.logs import LEVELS
 
 
 def _train(args, overrides: list[str]) -> int:
     from trainer.config import load_config
     from trainer.train import run
 
-    run(load_config(args.config, overrides))
+    run(load_config(args.config, overrides), log_level=args.log_level)
     return 0
 
 
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_data(sub)
     t = sub.add_parser("train", help="train one run (1 rank, or N under torchrun); extra --a.b=c override the config")
     t.add_argument("--config", required=True)
+    t.add_argument("--log-level", default=None, type=str.upper, choices=LEVELS,
+                   help="our loggers' level (default $LOGLEVEL or INFO); DEBUG also shows the libraries'")
     t.set_defaults(func=_train, takes_overrides=True)
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on a split")
     e.add_argument("--checkpoint", required=True)

@@ -25,6 +25,7 @@ from trainer.config import Config
 from trainer.config_base import ConfigError
 from trainer.errors import RunError, TrainingDiverged
 from trainer.health import Heartbeat
+from trainer.logs import show_progress
 from trainer.dist import DistEnv
 from trainer.evaluation import evaluate
 from trainer.dense_optimizer import build_dense_optimizer
@@ -219,7 +220,7 @@ class Trainer:
             self.state.step_in_epoch = self.state.step_in_epoch * saved_world // self.env.world_size
             torch.manual_seed(self.cfg.train.seed * 1000 + self.env.rank + self.state.step)
         set_optimizer_step(self.dmp, self.state.step)
-        log.info("loaded %s: epoch %d step %d (saved by %d ranks)", path, self.state.epoch, self.state.step,
+        log.info("loaded %s: %d epochs completed, step %d (saved by %d ranks)", path, self.state.epoch, self.state.step,
                  saved_world)
         return path
 
@@ -253,13 +254,15 @@ class Trainer:
         completed = self._run_steps(driver, it, len(loader))
         driver.detach()
         self.state.train_seconds += time.perf_counter() - t0
-        log.info("epoch %d: %d steps in %.1fs (%.1f ms/step)", self.state.epoch, self.state.step - s0,
+        # epochs are counted from 1 in logs, as in results.json ("epoch": epochs completed at that point)
+        log.info("epoch %d: %d steps in %.1fs (%.1f ms/step)", self.state.epoch + 1, self.state.step - s0,
                  time.perf_counter() - t0, 1000 * (time.perf_counter() - t0) / max(1, self.state.step - s0))
         return completed
 
     def _run_steps(self, driver, it: TimedIterator, total: int) -> bool:
         cfg, ck = self.cfg.train, self.cfg.checkpoint
-        bar = _progress(self.env.is_main, total, self.state.step_in_epoch, f"epoch {self.state.epoch}")
+        bar = _progress(show_progress(self.env.is_main), total, self.state.step_in_epoch,
+                        f"epoch {self.state.epoch + 1}/{cfg.epochs}")
         t_last, wait_last, first = time.perf_counter(), 0.0, True
         while True:
             if self.state.step_in_epoch >= total:  # epoch complete (also when it ends exactly at max_steps)
@@ -309,7 +312,7 @@ class Trainer:
     def evaluate_split(self, split: str) -> dict:
         self._sync_replicated_buffers()
         bar = None
-        if self.env.is_main:
+        if show_progress(self.env.is_main):
             from tqdm import tqdm
 
             bar = functools.partial(tqdm, desc=f"eval {split}", unit="batch", leave=False, mininterval=2.0)
@@ -337,7 +340,8 @@ class Trainer:
             self.state.bad_evals += 1
             if self.cfg.train.early_stop_patience and self.state.bad_evals >= self.cfg.train.early_stop_patience:
                 self.state.done = True
-        log.info("eval step %d: valid auc %.4f test auc %.4f", self.state.step, auc, test["all"]["auc"])
+        log.info("eval after epoch %d (step %d): valid auc %.4f test auc %.4f", self.state.epoch, self.state.step,
+                 auc, test["all"]["auc"])
 
     def results(self) -> dict:
         st = self.state

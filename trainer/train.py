@@ -6,11 +6,13 @@ import os
 import time
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trainer import config_base
 from trainer.config import Config
 from trainer.config_base import ConfigError
 from trainer.dist import init_distributed, shutdown
+from trainer.logs import setup_logging
 from trainer.results import markdown, write_results
 
 log = logging.getLogger("tailrec.train")
@@ -30,9 +32,8 @@ def _make_metrics(cfg: Config, env):
     return m
 
 
-def run(cfg: Config) -> dict:
-    _install_rank_in_logs(int(os.environ.get("RANK", 0)))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [rank %(rank)s] %(name)s: %(message)s")
+def run(cfg: Config, log_level: str | None = None) -> dict:
+    setup_logging(int(os.environ.get("RANK", 0)), log_level)
     env = init_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -47,7 +48,8 @@ def run(cfg: Config) -> dict:
             config_base.dump(cfg, f"{cfg.run_dir}/config.yaml")
             log.info("sharding plan:\n%s", trainer.plan_text)
         trainer.maybe_resume()
-        results = trainer.train()
+        with logging_redirect_tqdm():   # log lines above the progress bar, not glued to it
+            results = trainer.train()
         if env.is_main:
             write_results(cfg.run_dir, results)
             print(markdown(results))
@@ -59,13 +61,3 @@ def run(cfg: Config) -> dict:
             metrics.close()
         shutdown()
 
-
-def _install_rank_in_logs(rank: int) -> None:
-    old = logging.getLogRecordFactory()
-
-    def factory(*a, **kw):
-        rec = old(*a, **kw)
-        rec.rank = rank
-        return rec
-
-    logging.setLogRecordFactory(factory)

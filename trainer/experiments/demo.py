@@ -28,9 +28,11 @@ def prepare_dataset(out: Path, rows: int, seed: int = 0) -> Path:
 
 
 def run_demo(out: str, rows: int, nproc: int, overrides: list[str]) -> int:
+    """Trains from scratch every time (``--checkpoint.resume=false``): the demo shows a run, it does
+    not continue the previous one (which would be refused as already finished)."""
     out_p = Path(out)
     ds = prepare_dataset(out_p, rows)
     cmd = launch.trainer_command("train", DEMO_CONFIG, [f"--data.path={ds}", f"--run_dir={out_p / 'train'}",
-                                                        *overrides], nproc=nproc)
+                                                        "--checkpoint.resume=false", *overrides], nproc=nproc)
     print("+", launch.shown(cmd), flush=True)
     return subprocess.call(cmd, env=launch.subprocess_env())
