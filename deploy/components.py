@@ -117,7 +117,8 @@ def train(
         gpu=p.gpu,
         memMB=p.memMB,
         j=p.j,
-        env={**p.env, "TAILREC_PROFILE": p.name, MAX_RESTARTS_ENV: str(p.max_restarts)},
+        # ddp sets LOGLEVEL=WARNING for torchrun's agent; the trainer reads its own level first
+        env={"TAILREC_LOG_LEVEL": "INFO", **p.env, "TAILREC_PROFILE": p.name, MAX_RESTARTS_ENV: str(p.max_restarts)},
         max_retries=p.max_retries,
         rdzv_port=p.rdzv_port,
         # ddp wants flat `key=value` options; profiles write one mount per string (docker style)

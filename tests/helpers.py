@@ -194,7 +194,7 @@ def start_job(run_dir: Path, dataset: Path, *overrides: str, nproc: int = 2, max
         raise ValueError("start_job runs torchrun jobs: nproc > 1 or max_restarts > 0")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = run_dir.parent / f"{run_dir.name}.log"
-    env = launch.subprocess_env(threads=1)
+    env = launch.subprocess_env(threads=1, TAILREC_LOG_ALL_RANKS="1")   # the tests read every rank's log
     with log_path.open("w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()

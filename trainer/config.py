@@ -125,7 +125,7 @@ class DenseOptimConfig:
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, ("adam", "sgd", "adagrad"))
-        _number(where, "lr", self.lr, 0, strict=True)
+        _number(where, "lr", self.lr, 0)   # 0 freezes the dense part (a legitimate experiment); < 0 ascends
         _number(where, "weight_decay", self.weight_decay, 0)
         _number(where, "clip_grad_norm", self.clip_grad_norm, 0)
 

@@ -1,7 +1,9 @@
 """Quiet, readable logs for a run: ours at INFO, libraries at WARNING, one rank talking.
 
 * Our loggers (``tailrec.*`` and the module loggers of ``trainer``, ``data``, ``models``) log at the
-  requested level: ``--log-level``, else ``$LOGLEVEL`` (torchrun's convention), else INFO.
+  requested level: ``--log-level``, else ``$TAILREC_LOG_LEVEL``, else ``$LOGLEVEL`` (torchrun's
+  convention), else INFO. (TorchX's dist.ddp sets LOGLEVEL=WARNING for torchrun's agent; our TorchX
+  component therefore sets TAILREC_LOG_LEVEL=INFO so a job still shows its progress.)
 * Every other logger (TorchRec's planner boxes, FBGEMM's "Successfully loaded", TBE argument dumps) logs
   at WARNING, unless the requested level is DEBUG: then everything is shown.
 * Only rank 0 logs below WARNING, unless ``$TAILREC_LOG_ALL_RANKS=1``: the other ranks would repeat the
@@ -35,9 +37,9 @@ KNOWN_BENIGN = (
 
 
 def resolve_level(requested: str | None = None) -> int:
-    name = (requested or os.environ.get("LOGLEVEL") or "INFO").upper()
+    name = (requested or os.environ.get("TAILREC_LOG_LEVEL") or os.environ.get("LOGLEVEL") or "INFO").upper()
     if name not in LEVELS:
-        raise ValueError(f"log level {name!r} is not one of {list(LEVELS)} (--log-level / $LOGLEVEL)")
+        raise ValueError(f"log level {name!r} is not one of {list(LEVELS)} (--log-level / $TAILREC_LOG_LEVEL / $LOGLEVEL)")
     return getattr(logging, name)
 
 

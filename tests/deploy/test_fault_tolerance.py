@@ -21,7 +21,7 @@ import torch
 
 STEPS_PER_EPOCH = 39          # tiny dataset, 2 ranks x 128 (see conftest.RUN_ARGS)
 KILL_AFTER_CKPT = 50          # epoch 1, step_in_epoch 11: mid-epoch, not on an epoch boundary
-LOADED = re.compile(r"\[rank (\d)\] tailrec\.train: loaded (\S+): epoch (\d+) step (\d+)")
+LOADED = re.compile(r"\[rank (\d)\] tailrec\.train: loaded (\S+): (\d+) epochs completed, step (\d+)")
 EPOCH_DONE = re.compile(r"\[rank (\d)\] tailrec\.train: epoch (\d+): (\d+) steps in")
 
 
@@ -112,7 +112,8 @@ def _check_killed_run(job, log, rc, first, expected, partial, reference_run, tmp
     # the resumed epoch ran exactly the remaining batches on every rank
     restarted = log[log.index("exitcode: -9"):]
     done = {(int(r), int(e)): int(n) for r, e, n in EPOCH_DONE.findall(restarted)}
-    assert done == {(0, 1): STEPS_PER_EPOCH - resumed_in_epoch, (1, 1): STEPS_PER_EPOCH - resumed_in_epoch}, done
+    # epochs are numbered from 1 in the logs: the resumed one is epoch 2
+    assert done == {(0, 2): STEPS_PER_EPOCH - resumed_in_epoch, (1, 2): STEPS_PER_EPOCH - resumed_in_epoch}, done
 
     # 4. the metrics endpoints came back (port rebound) and report the restart
     restarts = {r for _, r, text in job.scrapes if re.search(r'^tailrec_restarts\{rank="\d"\} 1\.0$', text, re.M)}
@@ -225,7 +226,7 @@ def test_torchx_local_cwd_max_restarts_recovers_from_sigkill(ops, reference_run,
     torchx = Path(sys.executable).parent / "torchx"
     cmd = [str(torchx), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
            "deploy/components.py:train", "--profile", "demo-cpu", "--max_restarts", "2",
-           "--metrics_port", str(port), "--", f"--data.path={tiny_ml}", f"--run_dir={run_dir}",
+           "--env", "TAILREC_LOG_ALL_RANKS=1", "--metrics_port", str(port), "--", f"--data.path={tiny_ml}", f"--run_dir={run_dir}",
            *ops.RUN_ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -33,7 +33,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
 @pytest.mark.parametrize("override, message", [
     ("--embedding.optimizer.lr=nan", "override --embedding.optimizer.lr=nan: embedding.optimizer.lr: must be a finite number"),
     ("--embedding.tables.movie_id.optimizer.lr=inf", "embedding.tables.movie_id.optimizer.lr: must be a finite number"),
-    ("--dense_optim.lr=-0.001", "override --dense_optim.lr=-0.001: dense_optim.lr: must be > 0"),
+    ("--dense_optim.lr=-0.001", "override --dense_optim.lr=-0.001: dense_optim.lr: must be >= 0"),
     ("--train.log_every=0", "train.log_every: must be >= 1, got 0"),
     ("--train.epochs=0", "train.epochs: must be >= 1, got 0"),
     ("--transfer.source_frac=1.5", "transfer.source_frac: must be > 0 and <= 1"),

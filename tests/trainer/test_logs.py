@@ -15,6 +15,7 @@ def _restore_logging(monkeypatch):
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.getLogRecordFactory())
     monkeypatch.delenv("LOGLEVEL", raising=False)
+    monkeypatch.delenv("TAILREC_LOG_LEVEL", raising=False)
     monkeypatch.delenv("TAILREC_LOG_ALL_RANKS", raising=False)
     yield
     root.handlers[:] = saved[0]
@@ -61,6 +62,10 @@ def test_loglevel_env_and_flag(capsys, monkeypatch):
     _emit()
     err = capsys.readouterr().err
     assert "ours-info" in err and "lib-info" in err
+    monkeypatch.setenv("TAILREC_LOG_LEVEL", "INFO")          # ours wins over torchx's LOGLEVEL=WARNING
+    logs.setup_logging(0)
+    _emit()
+    assert "ours-info" in capsys.readouterr().err
     with pytest.raises(ValueError, match="LOUD"):
         logs.setup_logging(0, "loud")
 
