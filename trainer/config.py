@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from models.config import ModelConfig
 from trainer.config_base import ConfigError
-from trainer.optim.names import EMB_OPTIMIZERS, STEP_RULES
+from trainer.optim.names import COUNTER_FORMS, EMB_OPTIMIZERS, STEP_RULES
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
@@ -59,6 +59,8 @@ class EmbOptimConfig:
     weight_decay: float = 0.0
     # counter-based (FBGEMM COUNTER_SGD and our cfsgd)
     counter_halflife: float = -1.0     # <0: plain count; 0: always 1; >0: exponential decay half-life (steps)
+    counter_form: str = "fbgemm"       # cfsgd step: "fbgemm" lr/sqrt(ub c) | "paper" lr/sqrt(ub c T/t) (ALGORITHMS §1)
+    horizon: int = 0                   # T of the paper form in steps; 0 = the run's planned training steps
     adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c)
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
@@ -67,6 +69,7 @@ class EmbOptimConfig:
     lexico_alpha: float = 2.0          # phi_i = alpha * min(||g_i||^2, loss_main)
     lexico_lambda_max: float = 10.0    # cap on lambda_i when gradients conflict
     lexico_h_clip: float = 0.0         # >0: clip ||h_i|| to this multiple of ||g_i|| (docs/ALGORITHMS.md §8)
+    lexico_apply_to_all: bool = True   # rows without a transfer gradient: Algorithm 1 (True) or the plain step
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, EMB_OPTIMIZERS)
@@ -79,6 +82,10 @@ class EmbOptimConfig:
         _number(where, "lexico_alpha", self.lexico_alpha, 0, strict=True)
         _number(where, "lexico_lambda_max", self.lexico_lambda_max, 0, strict=True, allow_inf=True)
         _number(where, "lexico_h_clip", self.lexico_h_clip, 0)
+        _choice(where, "counter_form", self.counter_form, COUNTER_FORMS)
+        _number(where, "horizon", self.horizon, 0)
+        if self.counter_form == "paper" and self.name != "cfsgd":
+            raise ConfigError(f"{where}.counter_form: 'paper' is our cfsgd kernel's form, not {self.name}'s")
         if self.lexico and self.name not in STEP_RULES:
             raise ConfigError(f"{where}.lexico: needs one of our kernels {list(STEP_RULES)}, not {self.name}")
 

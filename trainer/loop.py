@@ -101,6 +101,21 @@ def _check_feature_names(cfg: Config, features: list[str], in_dataset: list[str]
                           f"({features})")
 
 
+def planned_steps(cfg: Config, batches_per_epoch: int) -> int:
+    """Global steps this run will train: epochs x batches per epoch (per rank), or max_steps if fewer."""
+    total = cfg.train.epochs * batches_per_epoch
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def fill_horizon(cfg: Config, steps: int) -> None:
+    """The paper form of CF-SGD needs its horizon T: unset (0) means this run's planned steps. Filled in
+    the config itself, so the saved config.yaml records the T the run used."""
+    opts = [cfg.embedding.optimizer] + [t.optimizer for t in cfg.embedding.tables.values() if t.optimizer]
+    for opt in opts:
+        if opt.counter_form == "paper" and opt.horizon == 0:
+            opt.horizon = max(1, steps)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, metrics=None):
         self.cfg, self.env, self.metrics = cfg, env, metrics
@@ -109,6 +124,8 @@ class Trainer:
         self.features = cfg.data.features or [f.name for f in self.manifest.sparse_features]
         _check_feature_names(cfg, self.features, [f.name for f in self.manifest.sparse_features])
         transfer_wiring.prepare_config(cfg)   # lexico on for transfer tables in lexico/both modes
+        self.loaders = {s: self._loader(s) for s in ("train", "valid", "test")}
+        fill_horizon(cfg, planned_steps(cfg, len(self.loaders["train"])))
         self.tables = build_tables(cfg, self.manifest, self.features)
         model = build_model(cfg.model, self.tables, num_dense=len(self.manifest.dense_features),
                             feature_names=self.features, device="meta")
@@ -122,7 +139,6 @@ class Trainer:
         dense_emb_lr = {n: cfg.embedding.for_table(n.split("embedding_bags.")[1].rsplit(".", 1)[0])[2].lr
                         for n, _ in sharded.dense_emb_params}   # dense_adam tables: torch Adam at their lr
         self.optimizer = build_dense_optimizer(self.dmp, cfg.dense_optim, dense_emb_lr)
-        self.loaders = {s: self._loader(s) for s in ("train", "valid", "test")}
         if self.transfer:  # shadow features in every batch (empty outside training)
             self.loaders = {s: self.transfer.wrap(ld, s == "train") for s, ld in self.loaders.items()}
         self.bucket_of_id = self._buckets()

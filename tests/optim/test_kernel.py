@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.optim.reference import ref_step
 from trainer.optim import kernel, rules
 from trainer.optim.rules import RuleConfig
 
@@ -74,20 +75,27 @@ def reference_step(W, state, cfg, batch, step, pooling):
         rows = (touched_main if cfg.lexico else touched_main | touched_h).nonzero().squeeze(1)
         g = G[t] if G[t] is not None else torch.zeros_like(Wp[t])
         h = H[t] if H[t] is not None else torch.zeros_like(Wp[t])
-        sub = {n: v[t][rows].double() if v[t].dtype.is_floating_point else v[t][rows] for n, v in state.items()}
-        res = rules.apply_step(cfg, W[t][rows].double(), g[rows], sub, step, h=h[rows],
-                               has_h=touched_h[rows], loss=float(main.detach()))
-        W[t][rows] = res.rows
-        for n, v in res.state.items():
-            state[n][t][rows] = v.to(state[n][t].dtype)
-        if res.lam is not None:
-            lam_all.append(res.lam)
+        r = rows.tolist()
+        sub = {n: [float(x) if v[t].dtype.is_floating_point else int(x) for x in v[t][rows].tolist()]
+               for n, v in state.items()}
+        # the paper-formula loops of tests/optim/reference.py: neither rules.py nor the kernel is involved
+        new_w, sub, lams = ref_step(cfg, W[t][rows].double().tolist(), g[rows].tolist(), sub, step,
+                                    h[rows].tolist(), touched_h[rows].tolist(), float(main.detach()))
+        if r:
+            W[t][rows] = torch.tensor(new_w, dtype=W[t].dtype)
+            for n, v in sub.items():
+                state[n][t][rows] = torch.tensor(v, dtype=state[n][t].dtype)
+        if cfg.lexico:
+            lam_all.append(torch.tensor(lams, dtype=torch.float64))
     return float(main)
 
 
 CONFIGS = {
     "cfsgd": RuleConfig(lr=0.1, adjustment_ub=2.0),
     "cfsgd_decay_warmup": RuleConfig(lr=0.1, counter_halflife=2.0, adjustment_iter=2, lr_max=0.08),
+    "cfsgd_paper": RuleConfig(lr=0.1, adjustment_ub=2.0, counter_form="paper", horizon=6),
+    "cfsgd_paper_decay_lexico": RuleConfig(lr=0.1, counter_halflife=3.0, counter_form="paper", horizon=6,
+                                           lexico=True, lr_max=0.09),
     "cfsgd_lexico": RuleConfig(lr=0.1, lexico=True),
     "adagrad_lexico_clip": RuleConfig(step_rule="rowwise_adagrad", lr=0.1, lexico=True, lexico_h_clip=0.5,
                                       lexico_lambda_max=3.0),

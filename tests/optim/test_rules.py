@@ -5,71 +5,11 @@ import math
 import pytest
 import torch
 
+from tests.optim.reference import ref_step
 from trainer.optim import rules
 from trainer.optim.rules import RuleConfig
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-# ---------------------------------------------------------------- reference (float64, loops)
-def ref_counter(c, last, step, hl):
-    if hl < 0:
-        return c + 1, last
-    if hl == 0:
-        return 1.0, last
-    delta = step - last if last > 0 else 1
-    return 1.0 + 2.0 ** (-delta / hl) * c, step
-
-
-def ref_lexico_row(g, h, has_h, loss, alpha, lmax, h_clip, apply_to_all):
-    """Returns (direction list, lambda) for one row."""
-    gg = sum(x * x for x in g)
-    if gg == 0:
-        return [0.0] * len(g), 0.0
-    if not has_h:
-        if not apply_to_all:
-            return list(g), 1.0
-        h = [0.0] * len(g)
-    if h_clip > 0:
-        hn = math.sqrt(sum(x * x for x in h))
-        cap = h_clip * math.sqrt(gg)
-        if hn > cap:
-            h = [x * cap / hn for x in h]
-    phi = alpha * min(gg, max(loss, 0.0))
-    lam = (phi - sum(a * b for a, b in zip(h, g))) / gg
-    lam = min(max(lam, 0.0), lmax)
-    return [a + lam * b for a, b in zip(h, g)], lam
-
-
-def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None):
-    """Per-row loop. st: dict of python lists. Returns new w (list of lists), st, lams."""
-    n = len(w)
-    out, lams = [], []
-    for i in range(n):
-        if cfg.lexico:
-            hi = h[i] if h is not None else [0.0] * len(g[i])
-            hh = bool(has_h[i]) if has_h is not None else False
-            d, lam = ref_lexico_row(g[i], hi, hh, loss, cfg.lexico_alpha, cfg.lexico_lambda_max,
-                                    cfg.lexico_h_clip, cfg.lexico_apply_to_all)
-            lams.append(lam)
-        else:
-            d = [a + (h[i][k] if h is not None else 0.0) for k, a in enumerate(g[i])]
-        if cfg.step_rule == "rowwise_adagrad":
-            st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
-            eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
-        else:
-            last = st["last_step"][i] if "last_step" in st else 0
-            c, last = ref_counter(st["counter"][i], last, step, cfg.counter_halflife)
-            st["counter"][i] = c
-            if "last_step" in st:
-                st["last_step"][i] = last
-            eta = min(cfg.lr_max, cfg.lr / (math.sqrt(cfg.adjustment_ub * c) + cfg.eps))
-            if cfg.adjustment_iter > 0:
-                st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
-                if step <= cfg.adjustment_iter:
-                    eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
-        out.append([a - eta * b for a, b in zip(w[i], d)])
-    return out, st, lams
 
 
 # ---------------------------------------------------------------- helpers
@@ -130,6 +70,29 @@ def test_cfsgd_counters_with_gaps(hl):
     cfg = RuleConfig(step_rule="cfsgd", lr=0.1, adjustment_ub=2.0, counter_halflife=hl)
     st = check(cfg, steps=12, touch_p=0.4)  # p=0.4: rows skip steps -> delta > 1
     assert set(st) == ({"counter", "last_step"} if hl > 0 else {"counter"})
+
+
+@pytest.mark.parametrize("hl", [-1.0, 3.0])
+@pytest.mark.parametrize("lr_max", [math.inf, 0.05])
+def test_cfsgd_paper_form_matches_the_papers_formula(hl, lr_max):
+    cfg = RuleConfig(step_rule="cfsgd", lr=0.1, adjustment_ub=2.0, counter_halflife=hl, counter_form="paper",
+                     horizon=40, lr_max=lr_max)
+    check(cfg, steps=12, touch_p=0.4)
+
+
+def test_paper_form_keeps_a_steady_rows_step_constant_and_reduces_to_fbgemm_at_t_equals_T():
+    """The property that separates the forms: a row seen every step keeps eta = lr / sqrt(ub T) under the
+    paper form, while FBGEMM's decays like 1/sqrt(t); at t = T both agree."""
+    paper = RuleConfig(step_rule="cfsgd", lr=1.0, counter_form="paper", horizon=100)
+    fb = RuleConfig(step_rule="cfsgd", lr=1.0)
+    for t in (1, 10, 100):
+        c = torch.tensor([float(t)])                       # seen at every one of t steps
+        assert rules.cfsgd_lr(paper, c, t).item() == pytest.approx(0.1, rel=1e-6)
+        assert rules.cfsgd_lr(fb, c, t).item() == pytest.approx(1 / math.sqrt(t), rel=1e-6)
+    c = torch.tensor([3.0, 50.0])
+    torch.testing.assert_close(rules.cfsgd_lr(paper, c, 100), rules.cfsgd_lr(fb, c, 100))
+    with pytest.raises(ValueError, match="counter_form"):
+        RuleConfig(counter_form="adam")
 
 
 def test_cfsgd_lr_max_and_warmup():

@@ -17,12 +17,14 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.distributed.comm_ops import get_gradient_division
 
 from trainer.config import EmbeddingConfig, EmbOptimConfig, TableConfig
+from tests.optim.reference import ref_step
 from trainer.optim import rules
 from trainer.optim.rules import rule_config_from
 from trainer.sharding import set_main_loss, set_optimizer_step, shard_model
 
 B = 8
 SHADOW = "__shadow"
+LOSS_TERM_BINDS = [0]   # rows of the reference where phi = alpha * loss (||g||^2 > loss)
 
 
 class Wrapper(nn.Module):
@@ -97,13 +99,14 @@ def build(tables, emb_cfg, weighted, extra=None):
                        extra_constraints=extra)
 
 
-def train(dmp, tables, steps, weighted, seed, coef, start=0, lexico=False):
+def train(dmp, tables, steps, weighted, seed, coef, start=0, lexico=False, reduce=True, loss_scale=1.0):
+    """``reduce=False`` / ``loss_scale``: deliberately broken set_main_loss calls (negative controls)."""
     rank = dist.get_rank()
     for s in range(start, start + steps):
         kt = dmp(gen_kjt(tables, s, rank, weighted, seed))
         main, tr = losses(kt.to_dict(), coef)
         if lexico:
-            set_main_loss(dmp, main)
+            set_main_loss(dmp, main * loss_scale, reduce=reduce)
         (main + tr if tr is not None else main).backward()
 
 
@@ -164,12 +167,18 @@ def reference(tables, emb_cfg, W0, steps, world, weighted, seed, coef, start=0, 
                 rc = rule_config_from(opt)
                 st = state.setdefault(n, {k: v.double() for k, v in rules.init_state(rc, t.num_embeddings).items()})
                 rows = (touched[n] if rc.lexico else touched[n] | touched_h[n]).nonzero().squeeze(1)
-                sub = {k: v[rows] for k, v in st.items()}
-                res = rules.apply_step(rc, W[n][rows], g[rows], sub, s + 1, h=h[rows],
-                                       has_h=touched_h[n][rows], loss=loss)
-                W[n][rows] = res.rows
-                for k, v in res.state.items():
-                    st[k][rows] = v.to(st[k].dtype)
+                sub = {k: [float(x) if v.dtype.is_floating_point else int(x) for x in v[rows].tolist()]
+                       for k, v in st.items()}
+                # the papers' formulas as float64 loops (tests/optim/reference.py), not rules.py
+                new_w, sub, _ = ref_step(rc, W[n][rows].tolist(), g[rows].tolist(), sub, s + 1, h[rows].tolist(),
+                                         touched_h[n][rows].tolist(), loss)
+                if rows.numel():
+                    W[n][rows] = torch.tensor(new_w, dtype=W[n].dtype)
+                    for k, v in sub.items():
+                        st[k][rows] = torch.tensor(v, dtype=st[k].dtype)
+                if rc.lexico:
+                    binding = (g[rows].square().sum(1) > loss).sum().item()
+                    LOSS_TERM_BINDS[0] += int(binding)
             else:
                 st = state.setdefault(n, {})
                 rows = (touched[n] | touched_h[n]).nonzero().squeeze(1)
@@ -199,7 +208,7 @@ def main_tables():
 def run_ours(sharding: str) -> Dict[str, float]:
     """Our kernel (3 tables, 3 rule variants) + one FBGEMM table side by side."""
     tables = main_tables()
-    opts = {"t0": EmbOptimConfig(name="cfsgd", lr=0.2, adjustment_ub=2.0),
+    opts = {"t0": EmbOptimConfig(name="cfsgd", lr=0.2, adjustment_ub=2.0, counter_form="paper", horizon=6),
             "t1": EmbOptimConfig(name="cfsgd", lr=0.1, counter_halflife=2.0, adjustment_iter=2),
             "t2": EmbOptimConfig(name="rowwise_adagrad" if sharding != "column_wise" else "cfsgd", lr=0.1),
             "t3": EmbOptimConfig(name="exact_sgd", lr=0.1)}
@@ -226,12 +235,15 @@ def run_ours(sharding: str) -> Dict[str, float]:
     return out
 
 
-def run_lexico(sharding: str) -> Dict[str, float]:
+def run_lexico(sharding: str, loss_binds: bool = False) -> Dict[str, float]:
+    """``loss_binds``: main-loss coefficients so large that ||g_i||^2 > loss for many rows, so the barrier is
+    phi = alpha * (global mean loss): the result then depends on set_main_loss's all-reduce and scale."""
     tables = [EmbeddingBagConfig(num_embeddings=40, embedding_dim=8, name="ts", feature_names=["f", "f" + SHADOW]),
               EmbeddingBagConfig(num_embeddings=30, embedding_dim=4, name="tx", feature_names=["x"])]
-    lex = dict(name="cfsgd", lr=0.1, lexico=True)
+    lex = dict(name="cfsgd", lr=0.1 if not loss_binds else 0.002, lexico=True)
     cfg = emb_config({"ts": EmbOptimConfig(**lex, lexico_h_clip=0.0), "tx": EmbOptimConfig(**lex)}, sharding)
-    coef = {"f": 1.0, "f" + SHADOW: 3.0, "x": 0.5}
+    coef = {"f": 1.0, "f" + SHADOW: 3.0, "x": 0.5} if not loss_binds else {"f": 60.0, "f" + SHADOW: 3.0, "x": 40.0}
+    LOSS_TERM_BINDS[0] = 0
     res = build(tables, cfg, False)
     W0 = weights_of(res.dmp, tables)
     train(res.dmp, tables, 4, False, seed=7, coef=coef, lexico=True)
@@ -240,8 +252,19 @@ def run_lexico(sharding: str) -> Dict[str, float]:
     # the same steps with lexico off (g + h): proves lambda (which needs g and h apart) mattered
     plain = emb_config({"ts": EmbOptimConfig(name="cfsgd", lr=0.1), "tx": EmbOptimConfig(name="cfsgd", lr=0.1)}, sharding)
     Wp, _ = reference(tables, plain, W0, 4, dist.get_world_size(), False, 7, coef)
-    return {"w_err": max((W1[n].double() - Wr[n]).abs().max().item() for n in Wr),
-            "lexico_vs_plain": max((Wp[n] - Wr[n]).abs().max().item() for n in Wr)}
+    binds = LOSS_TERM_BINDS[0]
+    controls = {}
+    if loss_binds:   # the same run with the barrier fed a wrong loss must NOT match the reference
+        for label, kw in (("no_allreduce", dict(reduce=False)), ("loss_x1000", dict(loss_scale=1000.0))):
+            bad = build(tables, cfg, False)
+            W0b = weights_of(bad.dmp, tables)
+            Wrb, _ = reference(tables, cfg, W0b, 4, dist.get_world_size(), False, 7, coef)
+            train(bad.dmp, tables, 4, False, seed=7, coef=coef, lexico=True, **kw)
+            W1b = weights_of(bad.dmp, tables)
+            controls[f"w_err_{label}"] = max((W1b[n].double() - Wrb[n]).abs().max().item() for n in Wrb)
+    return {**controls,"w_err": max((W1[n].double() - Wr[n]).abs().max().item() for n in Wr),
+            "lexico_vs_plain": max((Wp[n] - Wr[n]).abs().max().item() for n in Wr),
+            "loss_term_binds_rows": binds}
 
 
 def run_fbgemm() -> Dict[str, float]:
@@ -343,6 +366,8 @@ def main(argv: List[str]) -> None:
             results[sc] = run_ours(arg)
         elif kind == "lexico":
             results[sc] = run_lexico(arg)
+        elif kind == "lexicoloss":
+            results[sc] = run_lexico(arg, loss_binds=True)
         elif kind == "fbgemm":
             results[sc] = run_fbgemm()
         elif kind == "vsfbgemm":

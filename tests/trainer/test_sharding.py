@@ -32,12 +32,13 @@ def results(tmp_path_factory):
 
     kernel.load_extension()  # compile once here, not concurrently in both ranks
     return torchrun(tmp_path_factory.mktemp("shard"), "ours:table_wise", "ours:row_wise", "ours:column_wise",
-                    "lexico:table_wise", "lexico:row_wise", "fbgemm", "vsfbgemm:-1,-1", "vsfbgemm:2,2")
+                    "ours:table_row_wise", "lexico:table_wise", "lexico:row_wise", "lexico:table_row_wise",
+                    "lexicoloss:table_wise", "lexicoloss:row_wise", "fbgemm", "vsfbgemm:-1,-1", "vsfbgemm:2,2")
 
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise", "table_row_wise"])
 def test_our_kernel_matches_reference(results, sharding):
     r = results[f"ours:{sharding}"]
     for w in (0, 1):  # unweighted and per-sample-weighted KJTs
@@ -50,11 +51,24 @@ def test_our_kernel_matches_reference(results, sharding):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "table_row_wise"])
 def test_shadow_features_give_exact_lambda(results, sharding):
     r = results[f"lexico:{sharding}"]
     assert r["w_err"] < TOL
     assert r["lexico_vs_plain"] > 1e-3  # lambda (needing g and h apart) changed the result
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+def test_barrier_uses_the_global_main_loss_when_the_loss_term_binds(results, sharding):
+    """phi = alpha * min(||g||^2, loss) with loss < ||g||^2 on many rows: the kernel must use the mean loss
+    over ranks. The same run with set_main_loss not all-reduced, or with the loss x1000, misses the
+    float64 replay (so this test would catch either bug)."""
+    r = results[f"lexicoloss:{sharding}"]
+    assert r["loss_term_binds_rows"] > 10, r
+    assert r["w_err"] < TOL
+    assert r["w_err_no_allreduce"] > 100 * TOL and r["w_err_loss_x1000"] > 100 * TOL, r
 
 
 @pytest.mark.dist

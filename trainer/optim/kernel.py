@@ -189,10 +189,13 @@ class TailrecTBE(nn.Module):
 
     def _hyper(self) -> Tuple[List[float], List[int]]:
         c = self.cfg
-        hf = [c.lr, c.eps, c.counter_halflife, c.adjustment_ub, c.lr_max, c.lexico_alpha,
+        step = int(self.step.item())
+        # the paper form is the fbgemm form with ub scaled by T / t (rules.cfsgd_lr): the op stays one formula
+        ub = c.adjustment_ub * (c.horizon / max(step, 1) if c.counter_form == "paper" and c.horizon > 0 else 1.0)
+        hf = [c.lr, c.eps, c.counter_halflife, ub, c.lr_max, c.lexico_alpha,
               c.lexico_lambda_max, c.lexico_h_clip, float(self.main_loss) if c.lexico else 0.0]
         hi = [0 if c.step_rule == "cfsgd" else 1, c.adjustment_iter if c.warmup else -1,
-              int(self.step.item()), int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean")]
+              step, int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean")]
         return hf, hi
 
     def _update_ext(self, ext: Any, indices: Tensor, offsets: Tensor, psw: Optional[Tensor],

@@ -17,3 +17,5 @@ FBGEMM_OPTIMIZERS = (
 # plain nn.Parameter + torch Adam (the papers' baseline; small tables only)
 DENSE_OPTIMIZERS = ("dense_adam",)
 EMB_OPTIMIZERS = FBGEMM_OPTIMIZERS + DENSE_OPTIMIZERS + STEP_RULES
+# CF-SGD step-size forms (trainer/optim/rules.py): FBGEMM's COUNTER_SGD, or the paper's fixed horizon
+COUNTER_FORMS = ("fbgemm", "paper")

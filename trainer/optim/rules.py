@@ -10,9 +10,14 @@ Rules (docs/ALGORITHMS.md §1-3):
 * Counter (FBGEMM ``rowwise_adagrad_with_counter`` rule, once per step per unique row):
   halflife < 0: c += 1;  == 0: c = 1;  > 0: c = 1 + 2^(-delta/halflife) * c with
   delta = step - last_step (delta = 1 on first touch, last_step == 0).
-* CF-SGD step size: eta = min(lr_max, lr / (sqrt(ub * c) + eps)). The ``+ eps`` placement is
-  FBGEMM's COUNTER_SGD form, kept so our kernel matches FBGEMM step for step (tested);
-  c >= 1 after the update, so eps is never needed for safety and 1e-8 is negligible.
+* CF-SGD step size, two forms (``counter_form``):
+  - "fbgemm": eta = min(lr_max, lr / (sqrt(ub * c) + eps)), FBGEMM's COUNTER_SGD (the ``+ eps``
+    placement is FBGEMM's, kept so our kernel matches it step for step, tested). With c ~ p t it
+    decays like 1/sqrt(t) for every row.
+  - "paper" (Li et al. 2021: eta_k = min(eta_max, alpha / sqrt(T p_hat_k)), p_hat_k = c_k / t):
+    eta = min(lr_max, lr / (sqrt(ub * c * T / t) + eps)) with T = ``horizon`` (the planned number of
+    steps; 0 = use t, which gives the fbgemm form). A row seen at a steady rate keeps a constant step.
+  c >= 1 after the update, so eps is never needed for safety.
 * Warm-up (adjustment_iter > 0): while step <= adjustment_iter the row uses rowwise Adagrad
   (as FBGEMM: "adjust only when iter > adjustment_iter"). Needs the Adagrad sum, so that
   state is only allocated when warm-up is configured.
@@ -32,7 +37,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from trainer.optim.names import STEP_RULES
+from trainer.optim.names import COUNTER_FORMS, STEP_RULES
 
 # Only guards the division when ||g||^2 underflows; rows with g == 0 are handled explicitly,
 # so for every other row lambda is exact and the barrier constraint holds.
@@ -48,6 +53,8 @@ class RuleConfig:
     lr: float = 0.01
     eps: float = 1e-8
     counter_halflife: float = -1.0
+    counter_form: str = "fbgemm"      # "fbgemm" | "paper" (see the module docstring)
+    horizon: int = 0                  # T of the paper form, in steps; 0 = t (the fbgemm form)
     adjustment_ub: float = 1.0
     adjustment_iter: int = -1
     lr_max: float = math.inf
@@ -65,6 +72,10 @@ class RuleConfig:
             raise ValueError(f"step_rule {self.step_rule!r} not in {STEP_RULES}")
         if self.lr <= 0 or self.adjustment_ub <= 0:
             raise ValueError("lr and adjustment_ub must be positive")
+        if self.counter_form not in COUNTER_FORMS:
+            raise ValueError(f"counter_form {self.counter_form!r} not in {COUNTER_FORMS}")
+        if self.horizon < 0:
+            raise ValueError("horizon must be >= 0")
 
     @property
     def warmup(self) -> bool:
@@ -95,6 +106,7 @@ def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
     kw = dict(
         step_rule=cfg.name, lr=float(cfg.lr), eps=float(cfg.eps),
         counter_halflife=float(cfg.counter_halflife), adjustment_ub=float(cfg.adjustment_ub),
+        counter_form=str(getattr(cfg, "counter_form", "fbgemm")), horizon=int(getattr(cfg, "horizon", 0)),
         adjustment_iter=int(cfg.adjustment_iter), lr_max=float(cfg.lr_max),
         lexico=bool(cfg.lexico), lexico_alpha=float(cfg.lexico_alpha),
         lexico_lambda_max=float(cfg.lexico_lambda_max), lexico_h_clip=float(cfg.lexico_h_clip),
@@ -124,8 +136,12 @@ def update_counter(cfg: RuleConfig, counter: Tensor, last_step: Optional[Tensor]
     return 1.0 + decay * counter, torch.full_like(last_step, step)
 
 
-def cfsgd_lr(cfg: RuleConfig, counter: Tensor) -> Tensor:
-    eta = cfg.lr / ((cfg.adjustment_ub * counter).sqrt() + cfg.eps)
+def cfsgd_lr(cfg: RuleConfig, counter: Tensor, step: int = 1) -> Tensor:
+    """Per-row step size from the updated counters at global ``step`` (>= 1)."""
+    scale = cfg.adjustment_ub
+    if cfg.counter_form == "paper" and cfg.horizon > 0:
+        scale = cfg.adjustment_ub * cfg.horizon / max(int(step), 1)   # ub * T / t:  c T / t = T / p_hat
+    eta = cfg.lr / ((scale * counter).sqrt() + cfg.eps)
     return eta.clamp_max(cfg.lr_max) if math.isfinite(cfg.lr_max) else eta
 
 
@@ -203,7 +219,7 @@ def _step_size(cfg: RuleConfig, state: Dict[str, Tensor], d: Tensor, step: int) 
     state["counter"], last = update_counter(cfg, state["counter"], state.get("last_step"), step)
     if last is not None:
         state["last_step"] = last
-    eta = cfsgd_lr(cfg, state["counter"])
+    eta = cfsgd_lr(cfg, state["counter"], step)
     if cfg.warmup:
         # FBGEMM keeps the Adagrad sum current in every step, warm-up or not.
         state["adagrad_sum"], eta_ada = adagrad_update(cfg, state["adagrad_sum"], d)

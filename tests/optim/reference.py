@@ -1,0 +1,69 @@
+"""Independent float64 references of the update rules, written row by row from the papers' formulas
+(docs/ALGORITHMS.md §1-3): no code of trainer/optim is used, so rules.py, the torch path, the C++ op and
+the Triton kernels are all checked against the formulas, not against each other."""
+import math
+
+def ref_counter(c, last, step, hl):
+    if hl < 0:
+        return c + 1, last
+    if hl == 0:
+        return 1.0, last
+    delta = step - last if last > 0 else 1
+    return 1.0 + 2.0 ** (-delta / hl) * c, step
+
+
+def ref_lexico_row(g, h, has_h, loss, alpha, lmax, h_clip, apply_to_all):
+    """Returns (direction list, lambda) for one row."""
+    gg = sum(x * x for x in g)
+    if gg == 0:
+        return [0.0] * len(g), 0.0
+    if not has_h:
+        if not apply_to_all:
+            return list(g), 1.0
+        h = [0.0] * len(g)
+    if h_clip > 0:
+        hn = math.sqrt(sum(x * x for x in h))
+        cap = h_clip * math.sqrt(gg)
+        if hn > cap:
+            h = [x * cap / hn for x in h]
+    phi = alpha * min(gg, max(loss, 0.0))
+    lam = (phi - sum(a * b for a, b in zip(h, g))) / gg
+    lam = min(max(lam, 0.0), lmax)
+    return [a + lam * b for a, b in zip(h, g)], lam
+
+
+def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None):
+    """Per-row loop. st: dict of python lists. Returns new w (list of lists), st, lams."""
+    n = len(w)
+    out, lams = [], []
+    for i in range(n):
+        if cfg.lexico:
+            hi = h[i] if h is not None else [0.0] * len(g[i])
+            hh = bool(has_h[i]) if has_h is not None else False
+            d, lam = ref_lexico_row(g[i], hi, hh, loss, cfg.lexico_alpha, cfg.lexico_lambda_max,
+                                    cfg.lexico_h_clip, cfg.lexico_apply_to_all)
+            lams.append(lam)
+        else:
+            d = [a + (h[i][k] if h is not None else 0.0) for k, a in enumerate(g[i])]
+        if cfg.step_rule == "rowwise_adagrad":
+            st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
+            eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
+        else:
+            last = st["last_step"][i] if "last_step" in st else 0
+            c, last = ref_counter(st["counter"][i], last, step, cfg.counter_halflife)
+            st["counter"][i] = c
+            if "last_step" in st:
+                st["last_step"][i] = last
+            if cfg.counter_form == "paper" and cfg.horizon > 0:
+                # Li et al. 2021, literally: eta_k = min(eta_max, alpha / sqrt(T p_hat_k)), p_hat_k = c_k / t,
+                # with alpha = lr / sqrt(ub) (no eps: 1e-8 is far below the tolerance)
+                p_hat = c / step
+                eta = min(cfg.lr_max, (cfg.lr / math.sqrt(cfg.adjustment_ub)) / math.sqrt(cfg.horizon * p_hat))
+            else:
+                eta = min(cfg.lr_max, cfg.lr / (math.sqrt(cfg.adjustment_ub * c) + cfg.eps))
+            if cfg.adjustment_iter > 0:
+                st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
+                if step <= cfg.adjustment_iter:
+                    eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
+        out.append([a - eta * b for a, b in zip(w[i], d)])
+    return out, st, lams
