@@ -67,7 +67,7 @@ class EmbOptimConfig:
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
     lexico: bool = False
     lexico_alpha: float = 2.0          # phi_i = alpha * min(||g_i||^2, loss_main)
-    lexico_lambda_max: float = 10.0    # cap on lambda_i when gradients conflict
+    lexico_lambda_max: float = math.inf  # optional cap on lambda_i (not in the paper: capped rows may break the barrier)
     lexico_h_clip: float = 0.0         # >0: clip ||h_i|| to this multiple of ||g_i|| (docs/ALGORITHMS.md §8)
     lexico_apply_to_all: bool = True   # rows without a transfer gradient: Algorithm 1 (True) or the plain step
 

@@ -132,6 +132,72 @@ def test_barrier_constraint_holds_per_row():
     assert ((capped.direction * g).sum(1)[free] >= capped.phi[free] * (1 - 1e-5) - 1e-6).all()
 
 
+def _conflicting(n=20000, d=8, seed=11):
+    """Per-row main gradients of a batch-mean loss are small next to the transfer gradient, and often point
+    against it: the regime in which a lambda cap binds."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, d, generator=gen) * torch.rand(n, 1, generator=gen) * 0.05
+    h = torch.randn(n, d, generator=gen) - 0.5 * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    has_h = torch.rand(n, generator=gen) < 0.8
+    return g, h, has_h
+
+
+def _rounding(res, g, h):
+    """float32 rounding of <d, g> = <h, g> + lambda ||g||^2 (a difference of terms much larger than phi)."""
+    return 4e-6 * ((h * g).sum(1).abs() + res.lam * g.square().sum(1) + res.phi)   # ~ 32 float32 ulps
+
+
+def test_default_lexico_keeps_the_barrier_on_every_row():
+    g, h, has_h = _conflicting()
+    for cfg in (RuleConfig(lexico=True), RuleConfig(lexico=True, lexico_h_clip=1.0),
+                RuleConfig(lexico=True, lexico_apply_to_all=False)):
+        res = rules.lexico_direction(cfg, g, h, has_h, loss=0.45)
+        lhs = (res.direction * g).sum(1)
+        plain = ~has_h if not cfg.lexico_apply_to_all else torch.zeros_like(has_h)
+        # every certified row: <d_i, g_i> >= phi_i; rows without h that take the plain step (the
+        # apply_to_all=False option) have d = g: a plain descent step, <d, g> = ||g||^2 > 0
+        ok = lhs >= res.phi - _rounding(res, g, h)
+        assert ok[~plain].all(), cfg
+        assert torch.equal(res.direction[plain], g[plain]) and (lhs[plain] > 0).all()
+
+
+def test_a_lambda_cap_breaks_the_barrier_which_is_why_none_is_the_default():
+    g, h, has_h = _conflicting()
+    capped = rules.lexico_direction(RuleConfig(lexico=True, lexico_lambda_max=10.0), g, h, has_h, loss=0.45)
+    lhs = (capped.direction * g).sum(1)
+    violated = lhs < capped.phi - _rounding(capped, g, h)
+    assert violated.sum() > 50 and (lhs[violated] < 0).sum() > 10   # some capped steps even raise the loss
+    assert math.isinf(RuleConfig().lexico_lambda_max)
+
+
+def test_h_clip_bounds_lambda_without_a_cap():
+    """||h|| <= c ||g|| gives lambda <= alpha + c: the step stays bounded while the barrier holds."""
+    g, h, has_h = _conflicting()
+    res = rules.lexico_direction(RuleConfig(lexico=True, lexico_h_clip=0.5), g, h, has_h, loss=0.45)
+    assert res.lam.max() <= 2.0 + 0.5 + 1e-5
+
+
+def test_first_order_column_is_part_of_the_row_the_barrier_protects():
+    """FM/DeepFM rows carry the first-order weight after the factor columns; the transfer loss sees only
+    the factor part (h = 0 there) but the update moves the whole row, so the barrier is computed on the
+    whole row: <d, g> over every column >= phi. Computing it on the factor columns alone would not be."""
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(300, 20, generator=gen) * 0.01
+    g[:, 16] *= 30                                   # the first-order weight's gradient dominates
+    g[:, 17:] = 0                                    # padding columns
+    h = torch.zeros_like(g)
+    h[:, :16] = torch.randn(300, 16, generator=gen)  # factor part only
+    res = rules.lexico_direction(RuleConfig(lexico=True), g, h, torch.ones(300, dtype=torch.bool), loss=0.5)
+    full = (res.direction * g).sum(1)
+    assert (full >= res.phi - _rounding(res, g, h)).all()
+    # factor-only norms would give a lambda too small for the full row on some rows
+    gf = g[:, :16]
+    phi_f = 2.0 * torch.clamp(gf.square().sum(1), max=0.5)
+    lam_f = ((phi_f - (h[:, :16] * gf).sum(1)) / gf.square().sum(1)).clamp_min(0)
+    d_f = h + lam_f.unsqueeze(1) * g
+    assert ((d_f * g).sum(1) < 0.99 * res.phi).sum() > 10
+
+
 def test_lexico_edge_cases():
     cfg = RuleConfig(lexico=True, lexico_alpha=2.0)
     g = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.1, 0.0], [3.0, 0.0]])

@@ -60,7 +60,7 @@ class RuleConfig:
     lr_max: float = math.inf
     lexico: bool = False
     lexico_alpha: float = 2.0
-    lexico_lambda_max: float = 10.0
+    lexico_lambda_max: float = math.inf   # no cap: the paper has none, and a capped row can break the barrier
     lexico_h_clip: float = 0.0
     # Rows without a transfer gradient: True = faithful Algorithm 1 (lambda from h = 0),
     # False = plain main gradient (lambda = 1). docs/ALGORITHMS.md §3 edge case 2.
