@@ -61,12 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, printed side by side with their baselines")
     b.add_argument("what", choices=["data", "kernel", "train"])
     b.set_defaults(func=_bench, takes_overrides=True)
-    try:
-        from trainer.experiments.ablate import register as register_ablate
+    from trainer.experiments.ablate import register as register_ablate
+    from trainer.experiments.tune import register as register_tune
 
-        register_ablate(sub)
-    except ImportError:  # the ablation runner is optional at import time
-        pass
+    register_ablate(sub)
+    register_tune(sub)
     return p
 
 

@@ -29,6 +29,7 @@ from trainer.logs import show_progress
 from trainer.dist import DistEnv
 from trainer.evaluation import evaluate
 from trainer.dense_optimizer import build_dense_optimizer
+from trainer.results import PROGRESS, append_progress
 from trainer.pipeline import TimedIterator, make_driver
 from trainer.sharding import kernel_stats, set_optimizer_step, shard_model
 from trainer import transfer_wiring
@@ -197,6 +198,8 @@ class Trainer:
     def maybe_resume(self) -> bool:
         """Load the newest usable checkpoint (a damaged newest one falls back to the previous)."""
         if not self.cfg.checkpoint.resume or self.checkpointer.latest() is None:
+            if self.env.is_main:   # a fresh run: progress lines of an earlier run in this dir do not apply
+                (self.run_dir / PROGRESS).unlink(missing_ok=True)
             return False
         path = self.load_checkpoint()
         self._refuse_finished_run(path)
@@ -345,6 +348,8 @@ class Trainer:
             entry["transfer"] = self.transfer.flush_metrics()
             log.info("transfer metrics: %s", entry["transfer"])
         self.state.history.append(entry)
+        if self.env.is_main:
+            append_progress(self.run_dir, entry)
         if self.metrics and self.env.is_main:
             for split, res in (("valid", valid), ("test", test)):
                 for bucket, m in res.items():

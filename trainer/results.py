@@ -41,3 +41,16 @@ def write_results(run_dir: str | Path, results: dict) -> Path:
     (run_dir / "results.json").write_text(compact_json(results) + "\n")
     (run_dir / "results.md").write_text(markdown(results))
     return run_dir / "results.json"
+
+
+PROGRESS = "progress.jsonl"
+
+
+def append_progress(run_dir: str | Path, entry: dict) -> None:
+    """One JSON line per evaluation (epoch, step, valid/test metrics) while the run goes on: what
+    `tailrec tune` reads to prune a trial early, and a record of a run that is later killed."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / PROGRESS).open("a") as f:
+        f.write(json.dumps({k: entry[k] for k in ("epoch", "step", "valid", "test")}, default=float) + "\n")
+
