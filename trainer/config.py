@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from models.config import ModelConfig
 from trainer.config_base import ConfigError
-from trainer.optim.names import COUNTER_FORMS, EMB_OPTIMIZERS, STEP_RULES
+from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class EmbOptimConfig:
     name: str = "exact_sgd"            # one of trainer.optim.names.EMB_OPTIMIZERS
-    lr: float = 0.01
+    lr: float | None = None            # None: the optimizer's own default (trainer.optim.names.DEFAULT_LR)
     eps: float = 1e-8
     weight_decay: float = 0.0
     # counter-based (FBGEMM COUNTER_SGD and our cfsgd)
@@ -70,6 +70,10 @@ class EmbOptimConfig:
     lexico_lambda_max: float = math.inf  # optional cap on lambda_i (not in the paper: capped rows may break the barrier)
     lexico_h_clip: float = 0.0         # >0: clip ||h_i|| to this multiple of ||g_i|| (docs/ALGORITHMS.md §8)
     lexico_apply_to_all: bool = True   # rows without a transfer gradient: Algorithm 1 (True) or the plain step
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.name in DEFAULT_LR:   # resolved once, so the saved config records it
+            self.lr = DEFAULT_LR[self.name]
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, EMB_OPTIMIZERS)
