@@ -197,6 +197,7 @@ class TransferConfig:
     source_frac: float = 0.2           # top 20% ids by count = source domain
     eta_quantile: float = 0.2          # selective target domain threshold quantile
     frage_lr: float = 0.02
+    cosreg_form: str = "batch_mean"    # batch_mean: ||mean unit row||^2 | paper: mean cos over distinct pairs
     mmd_sigma_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     # planted.json of a generated dataset (data.generate): also report metrics on the examples whose
     # data.bucket_feature id is a planted twin / loner / other (eval groups; works in any mode)
@@ -205,6 +206,7 @@ class TransferConfig:
     def validate(self, where: str) -> None:
         _choice(where, "mode", self.mode, TRANSFER_MODES)
         _choice(where, "loss", self.loss, TRANSFER_LOSSES)
+        _choice(where, "cosreg_form", self.cosreg_form, ("batch_mean", "paper"))
         _number(where, "weight", self.weight, 0)
         _number(where, "source_frac", self.source_frac, 0, strict=True, high=1)
         _number(where, "eta_quantile", self.eta_quantile, 0, high=1)

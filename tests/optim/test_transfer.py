@@ -136,6 +136,26 @@ def test_cosreg_closed_form_equals_bruteforce():
     assert both == pytest.approx(_cos_brute(torch.cat([t, s])), rel=1e-5)
 
 
+def test_cosreg_paper_form_is_the_mean_over_distinct_pairs():
+    """Paper form: (1/(N(N-1))) sum_{i != j} cos(w_i, w_j) over target and source rows, float64 brute force;
+    the gradient reaches the target rows only."""
+    s, t = _rows(5, 6, shift=0.3, seed=14).double(), _rows(7, 6, shift=0.5, seed=15).double()
+    rows = torch.cat([t, s])
+    n = rows.shape[0]
+    want = sum(float(rows[i] @ rows[j] / (rows[i].norm() * rows[j].norm()))
+               for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    w = t.clone().requires_grad_(True)
+    src = s.clone().requires_grad_(True)
+    got = CosRegLoss(form="paper").loss(src, w)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    got.backward()
+    assert src.grad is None and w.grad is not None and float(w.grad.abs().sum()) > 0
+    # it differs from the batch-mean form (diagonal included, target rows only) on the same rows
+    assert CosRegLoss().loss(s, t).item() != pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="cosreg form"):
+        CosRegLoss(form="nope")
+
+
 def test_cosreg_gradient_decreases_it_and_spares_source():
     s = _rows(16, 8, shift=1.0, seed=12).requires_grad_(True)
     t = _rows(32, 8, shift=1.0, seed=13).requires_grad_(True)

@@ -168,17 +168,25 @@ class MMDLoss(TransferLoss):
 
 # -------------------------------------------------------------------------------------------- CosReg
 class CosRegLoss(TransferLoss):
-    """R = ||mean_i w_i/||w_i|| ||^2 = (1/N^2) sum_i sum_j cos(w_i, w_j) (Gao et al. 2019).
+    """Cosine regularisation (Gao et al. 2019), the harmless paper's CosReg, in two forms.
 
-    Computed in O(N d) via the mean of unit vectors. Over the target rows, and the (detached) source
-    rows too when ``include_source``: then the target rows also cancel the source rows' mean direction.
+    * ``form="batch_mean"`` (ours): R = ||mean_i w_i/||w_i|| ||^2 = (1/N^2) sum_i sum_j cos(w_i, w_j) over
+      the batch's target rows (and the detached source rows when ``include_source``), diagonal included.
+    * ``form="paper"``: the paper's (1/(N(N-1))) sum_i sum_{j != i} cos(w_i, w_j), averaged over distinct
+      pairs of every sampled row, target and (detached) source: (||sum_i u_i||^2 - N) / (N (N - 1)).
+      The paper sums over the whole vocabulary; we sample the batch's rows, as every transfer loss here.
+    Both cost O(N d) through the sum of unit vectors.
     """
 
     name = "cosreg"
+    FORMS = ("batch_mean", "paper")
 
-    def __init__(self, include_source: bool = False, eps: float = 1e-12) -> None:
+    def __init__(self, include_source: bool = False, eps: float = 1e-12, form: str = "batch_mean") -> None:
         super().__init__()
-        self.include_source = include_source
+        if form not in self.FORMS:
+            raise ValueError(f"cosreg form {form!r} not in {self.FORMS}")
+        self.include_source = include_source or form == "paper"
+        self.form = form
         self.eps = eps
 
     def loss(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
@@ -190,9 +198,11 @@ class CosRegLoss(TransferLoss):
             count = t.shape[0] + s.shape[0]
         else:
             total, count = t.sum(0), t.shape[0]
-        if t.shape[0] == 0:
-            # Nothing to regularise (a source-only term has no trainable rows).
+        if t.shape[0] == 0 or (self.form == "paper" and count < 2):
+            # Nothing to regularise (a source-only term has no trainable rows; one row has no pair).
             return self._record(_zero_like_graph(target_rows))
+        if self.form == "paper":
+            return self._record(((total * total).sum() - count) / (count * (count - 1)))
         mean = total / count
         return self._record((mean * mean).sum())
 
@@ -347,7 +357,8 @@ def build_transfer_loss(cfg: Any, dim: int, device: torch.device | str = "cpu", 
     if name == "mmd":
         mod: TransferLoss = MMDLoss(list(cfg.mmd_sigma_scales))
     elif name == "cosreg":
-        mod = CosRegLoss(include_source=bool(getattr(cfg, "cosreg_include_source", False)))
+        mod = CosRegLoss(include_source=bool(getattr(cfg, "cosreg_include_source", False)),
+                         form=str(getattr(cfg, "cosreg_form", "batch_mean")))
     elif name == "frage":
         mod = FrageLoss(dim, lr=float(cfg.frage_lr), hidden=int(getattr(cfg, "frage_hidden", 0)),
                         weight_decay=float(getattr(cfg, "frage_weight_decay", 0.0)), seed=seed,
