@@ -217,13 +217,16 @@ class TransferRuntime:
                         acc.setdefault(k, []).append(v)
 
     def flush_metrics(self) -> dict:
-        """Means of the per-step metrics since the last flush, per table (+ domain sizes)."""
-        out = {}
-        for f, d in self.domains.items():
-            acc = self._acc.get(f, {})
-            out[f] = {k: float(np.mean(v)) for k, v in acc.items() if v} | {"domain": dict(d.summary)}
+        """Means of the per-step metrics since the last flush, per table (+ domain sizes), merged over
+        ranks. Collective: every rank calls it at each evaluation. The lambda statistics exist only on
+        the rank(s) owning the table's rows; the transfer loss on every rank: values a stat has on several
+        ranks are averaged, so every rank (and rank 0's results.json and log) sees the table's lambda."""
+        local = {f: {k: [float(np.mean(v)), 1.0] for k, v in self._acc.get(f, {}).items() if v}
+                 for f in self.domains}
         self._acc = {}
-        return out
+        merged = _merge_over_ranks(local)
+        return {f: {k: s / n for k, (s, n) in merged[f].items()} | {"domain": dict(d.summary)}
+                for f, d in self.domains.items()}
 
     def last_metrics(self) -> dict[str, dict[str, float]]:
         return {f: lm.metrics() for f, lm in self.losses.items()}
@@ -244,6 +247,24 @@ class TransferRuntime:
             sd = dict(sd)
             lm.d_steps = int(sd.pop("d_steps"))
             lm.discriminator.load_state_dict(sd)
+
+
+def _merge_over_ranks(local: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+    """{table: {stat: [sum, count]}} summed over ranks (a few floats per table: all_gather_object)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    out: dict[str, dict[str, list[float]]] = {f: {} for f in local}
+    for part in parts:
+        for f, stats in part.items():
+            for k, (s, n) in stats.items():
+                tot = out.setdefault(f, {}).setdefault(k, [0.0, 0.0])
+                tot[0] += s
+                tot[1] += n
+    return out
 
 
 def build_runtime(cfg: Config, tables, device: torch.device) -> TransferRuntime | None:

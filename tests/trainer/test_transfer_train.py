@@ -3,6 +3,7 @@ FRAGE run whose discriminator survives a resume."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,34 @@ def test_frage_select_run_reports_groups_and_resumes_discriminator(tiny_ml, tmp_
     assert r["history"][-1]["transfer"]["movie_id"]["frage_d_steps"] == pytest.approx(4.5)   # 4, 5: restored
     for g in ("twin", "loner", "other", "tail"):
         assert g in r["best"]["test"]
+
+
+def _flush_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from trainer.transfer_wiring import TransferRuntime
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    rt = TransferRuntime.__new__(TransferRuntime)        # only the metric accumulator is exercised
+    rt.domains = {"movie_id": _domain()}
+    # rank 1 owns movie_id's rows: only it has lambda statistics; both ranks computed the transfer loss
+    rt._acc = {"movie_id": {"transfer_loss": [1.0, 3.0]} if rank == 0 else
+               {"transfer_loss": [5.0], "lambda_p50": [2.0, 4.0], "lambda_max": [9.0]}}
+    got = rt.flush_metrics()["movie_id"]
+    (Path(out) / f"{rank}.json").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_lambda_statistics_of_the_owner_rank_reach_every_rank(tmp_path):
+    """Under table_wise sharding only the owner rank has a table's lambda statistics; flush_metrics (run
+    at every evaluation) merges them, so rank 0 writes them to results.json and its log."""
+    import torch.multiprocessing as mp
+
+    from trainer.launch import free_port
+
+    mp.spawn(_flush_worker, args=(2, f"tcp://127.0.0.1:{free_port()}", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["lambda_p50"] == pytest.approx(3.0) and got["lambda_max"] == pytest.approx(9.0)
+        assert got["transfer_loss"] == pytest.approx((2.0 + 5.0) / 2)   # per-rank means, averaged
