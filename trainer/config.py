@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from models.config import ModelConfig
 from trainer.config_base import ConfigError
-from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES
+from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES, UB_MODES
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
@@ -61,7 +61,8 @@ class EmbOptimConfig:
     counter_halflife: float = -1.0     # <0: plain count; 0: always 1; >0: exponential decay half-life (steps)
     counter_form: str = "fbgemm"       # cfsgd step: "fbgemm" lr/sqrt(ub c) | "paper" lr/sqrt(ub c T/t) (ALGORITHMS §1)
     horizon: int = 0                   # T of the paper form in steps; 0 = the run's planned training steps
-    adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c)
+    adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c); with ub_mode=table a multiplier of the estimate
+    ub_mode: str = "fixed"             # cfsgd: "fixed" (FBGEMM: ub = adjustment_ub) | "table" (per-table online ub)
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
@@ -87,6 +88,9 @@ class EmbOptimConfig:
         _number(where, "lexico_lambda_max", self.lexico_lambda_max, 0, strict=True, allow_inf=True)
         _number(where, "lexico_h_clip", self.lexico_h_clip, 0)
         _choice(where, "counter_form", self.counter_form, COUNTER_FORMS)
+        _choice(where, "ub_mode", self.ub_mode, UB_MODES)
+        if self.ub_mode == "table" and self.name != "cfsgd":
+            raise ConfigError(f"{where}.ub_mode: 'table' is our cfsgd kernel's option, not {self.name}'s")
         _number(where, "horizon", self.horizon, 0)
         if self.counter_form == "paper" and self.name != "cfsgd":
             raise ConfigError(f"{where}.counter_form: 'paper' is our cfsgd kernel's form, not {self.name}'s")

@@ -100,6 +100,9 @@ class TailrecTBE(nn.Module):
         for name, t in rules.init_state(cfg, self.r_off[-1], device).items():
             self.register_buffer(name, t)
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
+        # per-table state of ub_mode="table": [table, (ub_sum, ub_count)], float64 (a sum over many steps)
+        self.register_buffer("ub_stat", torch.zeros(len(rows) if cfg.table_ub else 0, 2, dtype=torch.float64,
+                                                    device=device))
         self._placeholder = torch.zeros(0, device=device, requires_grad=True)
         if self._placeholder.device.type == "cpu":
             load_extension()  # build/load the C++ op now, not inside the first (timed) training step
@@ -124,7 +127,11 @@ class TailrecTBE(nn.Module):
     # ---- duck-typed optimizer API that TorchRec's EmbeddingFusedOptimizer calls ----------
     def get_optimizer_state(self) -> List[Dict[str, Tensor]]:
         per_row = {n: self.split_state(n) for n in self.cfg.state_names()}
-        return [{**{n: per_row[n][t] for n in per_row}, "step": self.step} for t in range(len(self.rows))]
+        # per-table values as 1-element views: TorchRec treats them as single-value states (like "step")
+        per_table = {n: [self.ub_stat[t, i:i + 1] for t in range(len(self.rows))]
+                     for i, n in enumerate(self.cfg.table_state_names())}
+        return [{**{n: per_row[n][t] for n in per_row}, **{n: per_table[n][t] for n in per_table},
+                 "step": self.step} for t in range(len(self.rows))]
 
     def get_learning_rate(self) -> float:
         return self.cfg.lr
@@ -195,7 +202,7 @@ class TailrecTBE(nn.Module):
         hf = [c.lr, c.eps, c.counter_halflife, ub, c.lr_max, c.lexico_alpha,
               c.lexico_lambda_max, c.lexico_h_clip, float(self.main_loss) if c.lexico else 0.0]
         hi = [0 if c.step_rule == "cfsgd" else 1, c.adjustment_iter if c.warmup else -1,
-              step, int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean")]
+              step, int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean"), int(c.table_ub)]
         return hf, hi
 
     def _update_ext(self, ext: Any, indices: Tensor, offsets: Tensor, psw: Optional[Tensor],
@@ -211,7 +218,7 @@ class TailrecTBE(nn.Module):
             indices.long().contiguous(), offsets.long().contiguous(),
             empty if psw is None else psw.float().contiguous(), grad.float().contiguous(),
             m["feat_table"], m["feat_shadow"], m["feat_col"], m["row_off"], m["w_off"], m["dim"],
-            self._slot, self.weights, *state, hf, hi)
+            self._slot, self.weights, *state, self.ub_stat, hf, hi)
         return keys, (lam if self.cfg.lexico else None), upd
 
     def _update_torch(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor],
@@ -277,11 +284,15 @@ class TailrecTBE(nn.Module):
         W = self.split_embedding_weights()[t]
         state = {n: s.index_select(0, rows) for n, s in zip(self.cfg.state_names(),
                                                              (self.split_state(n)[t] for n in self.cfg.state_names()))}
+        table = {n: self.ub_stat[t, i] for i, n in enumerate(self.cfg.table_state_names())}
         res = rules.apply_step(self.cfg, W.index_select(0, rows), g, state, int(self.step.item()),
-                               h=h, has_h=has_h, loss=self.main_loss if self.cfg.lexico else None)
+                               h=h, has_h=has_h, loss=self.main_loss if self.cfg.lexico else None,
+                               table_state=table or None)
         W.index_copy_(0, rows, res.rows)
         for n, v in res.state.items():
             self.split_state(n)[t].index_copy_(0, rows, v)
+        for i, n in enumerate(self.cfg.table_state_names()):
+            self.ub_stat[t, i] = res.table_state[n]
         return res
 
 

@@ -31,3 +31,5 @@ DEFAULT_LR = {
 }
 # CF-SGD step-size forms (trainer/optim/rules.py): FBGEMM's COUNTER_SGD, or the paper's fixed horizon
 COUNTER_FORMS = ("fbgemm", "paper")
+# CF-SGD gradient-scale prior ub: FBGEMM's fixed adjustment_ub, or our per-table online estimate
+UB_MODES = ("fixed", "table")

@@ -26,7 +26,7 @@ struct Hyper {
   int64_t rule;       // 0 cfsgd, 1 rowwise_adagrad
   double lr, eps, halflife, ub, lr_max, alpha, lam_max, h_clip, loss;
   int64_t adj_iter, step;
-  bool lexico, apply_all;
+  bool lexico, apply_all, table_ub;  // table_ub: ub = hp.ub x the table's running mean of mean_d(d^2)
 };
 
 // Row reductions with 8 independent partial sums: a single running float sum is a chain of
@@ -81,7 +81,7 @@ __attribute__((always_inline)) inline float mean_sq(const float* __restrict__ d,
 }
 
 template <int DT>
-__attribute__((always_inline)) inline float step_size(const Hyper& hp, int64_t key, const float* d, int64_t D,
+__attribute__((always_inline)) inline float step_size(const Hyper& hp, float ub, int64_t key, const float* d, int64_t D,
                        float* counter, int32_t* last, float* ada) {
   if (hp.rule == 1) {
     ada[key] += mean_sq<DT>(d, D);
@@ -96,7 +96,7 @@ __attribute__((always_inline)) inline float step_size(const Hyper& hp, int64_t k
     last[key] = (int32_t)hp.step;
   }
   counter[key] = c;
-  float eta = (float)hp.lr / (std::sqrt((float)hp.ub * c) + (float)hp.eps);
+  float eta = (float)hp.lr / (std::sqrt(ub * c) + (float)hp.eps);
   eta = std::min(eta, (float)hp.lr_max);
   if (ada) {
     ada[key] += mean_sq<DT>(d, D);
@@ -109,6 +109,7 @@ struct Inputs {
   const int64_t* idx; const int64_t* off; const float* pw; const float* G; int64_t ldg, B;
   const int64_t* fc; const bool* fs; bool mean_pool; int64_t n_idx;
   int32_t* slot; float* W; float* cnt; int32_t* last; float* ada;
+  double* ub_stat;  // [table][2]: running sum of x_t and count of steps (table_ub only)
 };
 
 struct TableOut {
@@ -128,7 +129,7 @@ thread_local Scratch scratch;
 
 template <int DT>
 void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& feats, int64_t rows,
-               int64_t rof, int64_t wof, int64_t Drt, int64_t n_ids, TableOut& out) {
+               int64_t t, int64_t rof, int64_t wof, int64_t Drt, int64_t n_ids, TableOut& out) {
   const int64_t D = DT > 0 ? DT : Drt;
   Scratch& s = scratch;
   const int64_t max_u = std::min(n_ids, rows);
@@ -214,6 +215,25 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
   float* __restrict__ lamo = out.lam.data();
   uint8_t* __restrict__ updo = out.upd.data();
   float* __restrict__ W = in.W + wof;
+  float ub = (float)hp.ub;
+  if (hp.table_ub) {
+    // ub_mode="table": every direction first (in place), then x_t = mean over the updated rows of
+    // mean_d(d^2) joins the table's running mean, then the steps (the same formula as rules.py)
+    double xs = 0.0;
+    int64_t nu = 0;
+    for (int64_t j = 0; j < U; ++j) {
+      const int32_t u = sl[urow[j]];
+      if (hp.lexico && any_h && !has_main[u]) continue;
+      float* g = gacc + (int64_t)u * D;
+      const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
+      lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
+      xs += (double)mean_sq<DT>(g, D);
+      ++nu;
+    }
+    double* st = in.ub_stat + 2 * t;
+    if (nu > 0) { st[0] += xs / (double)nu; st[1] += 1.0; }
+    ub = (float)(hp.ub * st[0] / std::max(st[1], 1.0));
+  }
   constexpr int64_t PF = 8;  // prefetch distance (rows): hides the weight/state misses
   for (int64_t j = 0; j < U; ++j) {
     if (j + PF < U) {
@@ -230,8 +250,8 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
     if (hp.lexico && !hm) continue;  // transfer-only row: nothing certified, not counted
     float* g = gacc + (int64_t)u * D;
     const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
-    lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
-    const float eta = step_size<DT>(hp, rof + r, g, D, in.cnt, in.last, in.ada);
+    if (!hp.table_ub) lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
+    const float eta = step_size<DT>(hp, ub, rof + r, g, D, in.cnt, in.last, in.ada);
     float* __restrict__ w = W + r * D;
     for (int64_t d = 0; d < D; ++d) w[d] -= eta * g[d];
     updo[j] = 1;
@@ -245,9 +265,11 @@ std::vector<torch::Tensor> tailrec_update(
     torch::Tensor feat_table, torch::Tensor feat_shadow, torch::Tensor feat_col,
     torch::Tensor tab_row_off, torch::Tensor tab_w_off, torch::Tensor tab_dim,
     torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
-    torch::Tensor ada, std::vector<double> hf, std::vector<int64_t> hi) {
+    torch::Tensor ada, torch::Tensor ub_stat, std::vector<double> hf, std::vector<int64_t> hi) {
   Hyper hp{hi[0], hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8],
-           hi[1], hi[2], (bool)hi[3], (bool)hi[4]};
+           hi[1], hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[6]};
+  TORCH_CHECK(!hp.table_ub || (ub_stat.dtype() == torch::kFloat64 && ub_stat.numel() == 2 * tab_dim.size(0)),
+              "tailrec kernel: ub_mode=table needs a float64 [tables, 2] ub_stat");
   const int64_t F = feat_table.size(0), nb = offsets.size(0) - 1, B = F ? nb / F : 0;
   const int64_t T = tab_dim.size(0);
   const int64_t *ft = feat_table.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
@@ -258,7 +280,8 @@ std::vector<torch::Tensor> tailrec_update(
             feat_shadow.data_ptr<bool>(), hi[5] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
             counter.numel() ? counter.data_ptr<float>() : nullptr,
             last_step.numel() ? last_step.data_ptr<int32_t>() : nullptr,
-            ada.numel() ? ada.data_ptr<float>() : nullptr};
+            ada.numel() ? ada.data_ptr<float>() : nullptr,
+            ub_stat.numel() ? ub_stat.data_ptr<double>() : nullptr};
   std::vector<std::vector<int64_t>> feats(T);
   std::vector<int64_t> n_ids(T, 0);
   for (int64_t f = 0; f < F; ++f) {
@@ -271,11 +294,11 @@ std::vector<torch::Tensor> tailrec_update(
     for (int64_t t = b; t < e; ++t) {
       if (feats[t].empty() || n_ids[t] == 0) continue;
       const int64_t rows = (t + 1 < T ? rof[t + 1] : total_rows) - rof[t];
-#define TAILREC_CASE(DD) case DD: run_table<DD>(hp, in, feats[t], rows, rof[t], wof[t], DD, n_ids[t], outs[t]); break;
+#define TAILREC_CASE(DD) case DD: run_table<DD>(hp, in, feats[t], rows, t, rof[t], wof[t], DD, n_ids[t], outs[t]); break;
       switch (dim[t]) {
         TAILREC_CASE(4) TAILREC_CASE(8) TAILREC_CASE(16) TAILREC_CASE(20) TAILREC_CASE(32)
         TAILREC_CASE(36) TAILREC_CASE(64) TAILREC_CASE(68) TAILREC_CASE(128) TAILREC_CASE(132)
-        default: run_table<0>(hp, in, feats[t], rows, rof[t], wof[t], dim[t], n_ids[t], outs[t]);
+        default: run_table<0>(hp, in, feats[t], rows, t, rof[t], wof[t], dim[t], n_ids[t], outs[t]);
       }
 #undef TAILREC_CASE
     }
