@@ -62,7 +62,8 @@ class EmbOptimConfig:
     counter_form: str = "fbgemm"       # cfsgd step: "fbgemm" lr/sqrt(ub c) | "paper" lr/sqrt(ub c T/t) (ALGORITHMS §1)
     horizon: int = 0                   # T of the paper form in steps; 0 = the run's planned training steps
     adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c); with ub_mode=table a multiplier of the estimate
-    ub_mode: str = "fixed"             # cfsgd: "fixed" (FBGEMM: ub = adjustment_ub) | "table" (per-table online ub)
+    ub_mode: str | None = None         # cfsgd: "table" (ours, per-table online ub; the default) | "fixed" (FBGEMM:
+                                       # ub = adjustment_ub). None: "table" for cfsgd, "fixed" for the others
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
@@ -75,6 +76,8 @@ class EmbOptimConfig:
     def __post_init__(self) -> None:
         if self.lr is None and self.name in DEFAULT_LR:   # resolved once, so the saved config records it
             self.lr = DEFAULT_LR[self.name]
+        if self.ub_mode is None:
+            self.ub_mode = "table" if self.name == "cfsgd" else "fixed"
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, EMB_OPTIMIZERS)

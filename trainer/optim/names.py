@@ -26,7 +26,7 @@ DEFAULT_LR = {
     "exact_rowwise_adagrad": 0.05,
     "counter_sgd": 3.0,
     "dense_adam": 1e-3,
-    "cfsgd": 3.0,
+    "cfsgd": 0.05,            # with its default ub_mode="table" (scale-free, like Adagrad's lr)
     "rowwise_adagrad": 0.05,
 }
 # CF-SGD step-size forms (trainer/optim/rules.py): FBGEMM's COUNTER_SGD, or the paper's fixed horizon
