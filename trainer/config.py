@@ -15,7 +15,7 @@ from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
-TRANSFER_LOSSES = ("mmd", "cosreg", "frage")
+TRANSFER_LOSSES = ("mmd", "cosreg", "frage", "neighbor")
 
 
 def _choice(where: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -222,8 +222,15 @@ class TransferConfig:
             _number(where, f"mmd_sigma_scales[{i}]", scale, 0, strict=True)
 
 
+STOCK_OPTIMIZER = "exact_rowwise_adagrad"   # what TorchRec users train with: FBGEMM's fused rowwise Adagrad
+METHODS = ("tailrec", "stock")
+
+
 @dataclass
 class Config:
+    # tailrec: the config as written (our optimizer and transfer) | stock: the stock TorchRec baseline, one
+    # flag away: FBGEMM exact_rowwise_adagrad at its default lr on every table, no transfer (the rest kept)
+    method: str = "tailrec"
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -233,6 +240,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    def validate(self, where: str) -> None:
+        _choice(where, "method", self.method, METHODS)
+        if self.method == "stock":
+            self.embedding.optimizer = EmbOptimConfig(name=STOCK_OPTIMIZER)
+            for t in self.embedding.tables.values():
+                t.optimizer = None
+            self.transfer.mode = "baseline"
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -93,6 +93,8 @@ class FeatureDomain:
     is_source: torch.Tensor         # bool [num_embeddings]
     in_target: torch.Tensor         # bool [num_embeddings]: T, or T'_eta for select/both
     summary: dict = field(default_factory=dict)
+    # int64 [num_embeddings]: each target id's co-occurrence neighbor in S (-1: none); the neighbor loss's anchor
+    neighbor_of: torch.Tensor | None = None
 
 
 def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict[str, int]) -> dict[str, FeatureDomain]:
@@ -116,7 +118,10 @@ def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict
                  f, summ["source"], summ["target"], summ["kept"], summ["dropped"], summ["eta"],
                  " [selective: using T'_eta]" if summ["selective"] else " [using all of T]",
                  time.perf_counter() - t0)
-        out[f] = FeatureDomain(f, factor_dims[f], is_source, in_target, summ)
+        neighbor_of = torch.full((n,), -1, dtype=torch.long)
+        if dom.neighbors is not None:
+            neighbor_of[torch.from_numpy(dom.target_ids)] = torch.from_numpy(dom.neighbors)
+        out[f] = FeatureDomain(f, factor_dims[f], is_source, in_target, summ, neighbor_of)
     return out
 
 
@@ -186,6 +191,7 @@ class TransferRuntime:
                        for f, d in domains.items()}
         for d in domains.values():
             d.is_source = d.is_source.to(device)
+            d.neighbor_of = d.neighbor_of.to(device) if d.neighbor_of is not None else None
         self._acc: dict[str, dict[str, list[float]]] = {}
         self.dmp = None
 

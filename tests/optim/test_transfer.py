@@ -341,3 +341,20 @@ def test_split_rows():
         split_rows(torch.tensor([6]), is_source)
     with pytest.raises(TypeError):
         split_rows(ids, is_source.long())
+
+
+def test_neighbor_loss_pulls_each_row_toward_its_own_anchor_only():
+    from trainer.optim.transfer_loss import NeighborLoss
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    mod = NeighborLoss()
+    out = mod.loss(a, t)
+    # float64 by hand: 1/2 (||t0 - a0||^2 + ||t1 - a1||^2) / 2 = 1/2 (1 + 2) / 2
+    assert out.item() == pytest.approx(0.75, rel=1e-12)
+    out.backward()
+    torch.testing.assert_close(t.grad, (t - a).detach() / 2)     # d/dt_j = (t_j - a_j) / n
+    assert a.grad is None                                        # anchors are detached
+    assert mod.paired and mod.loss(a[:0], t[:0]).item() == 0.0
+    with pytest.raises(ValueError, match="pairs rows"):
+        mod.loss(a, t[:1])

@@ -178,3 +178,18 @@ def test_lambda_statistics_of_the_owner_rank_reach_every_rank(tmp_path):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got["lambda_p50"] == pytest.approx(3.0) and got["lambda_max"] == pytest.approx(9.0)
         assert got["transfer_loss"] == pytest.approx((2.0 + 5.0) / 2)   # per-rank means, averaged
+
+
+def test_neighbor_anchor_is_the_row_of_the_neighbor_id_when_it_is_in_the_batch():
+    from trainer.train_module import _anchor_pairs
+
+    # batch ids of movie_id (unique, sorted) and the example holding each first; targets 5, 7, 9
+    s_ids, s_first = torch.tensor([1, 3, 5, 7, 9]), torch.tensor([0, 1, 2, 3, 4])
+    t_first = torch.tensor([2, 3, 4])
+    nb = torch.tensor([3, 8, -1])            # 5 -> 3 (in the batch), 7 -> 8 (not in it), 9 -> none
+    rows = torch.arange(5, dtype=torch.float).unsqueeze(1).repeat(1, 4)
+    pooled = {"movie_id": rows, "movie_id__shadow": rows * 10}
+    src, tgt = _anchor_pairs(nb, s_ids, s_first, t_first, pooled, "movie_id", 3)
+    assert src.tolist() == [[1.0] * 3] and tgt.tolist() == [[20.0] * 3]
+    src, tgt = _anchor_pairs(nb, s_ids[:0], s_first[:0], t_first, pooled, "movie_id", 3)
+    assert src.shape == (0, 3) and tgt.shape == (0, 3)

@@ -1,4 +1,5 @@
-"""Transfer losses on embedding rows (harmless transfer, Gong et al. 2022): MMD, CosReg, FRAGE.
+"""Transfer losses on embedding rows (harmless transfer, Gong et al. 2022): MMD, CosReg, FRAGE, and our
+co-occurrence ``neighbor`` anchor.
 
 Pure PyTorch, no TorchRec: the trainer looks up the batch's rows of one table, splits them with
 ``split_rows`` into source (frequent) and target (rare) rows and calls ``loss(source, target)``.
@@ -36,6 +37,7 @@ __all__ = [
     "MMDLoss",
     "CosRegLoss",
     "FrageLoss",
+    "NeighborLoss",
     "build_transfer_loss",
     "split_rows",
 ]
@@ -70,6 +72,7 @@ class TransferLoss(nn.Module):
     """Base class: ``loss(source_rows, target_rows)``, ``after_step()``, ``metrics()``."""
 
     name = "base"
+    paired = False      # True: source_rows[j] is the anchor of target_rows[j] (NeighborLoss)
 
     def loss(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
         raise NotImplementedError
@@ -205,6 +208,39 @@ class CosRegLoss(TransferLoss):
             return self._record(((total * total).sum() - count) / (count * (count - 1)))
         mean = total / count
         return self._record((mean * mean).sum())
+
+
+# ------------------------------------------------------------------------------------------ neighbor
+class NeighborLoss(TransferLoss):
+    """Ours: pull each rare row toward its co-occurrence neighbor's row (docs/ALGORITHMS.md §4).
+
+    ``loss(anchors [n, d], target_rows [n, d])``: the rows are *paired* (``paired = True``): anchor j is
+    the current (detached) row of the source id whose co-occurrence profile is closest to target j's
+    (``data.selective``: neighbor(i) = argmax_{s in S} cos(c_i, c_s)). l = mean_j 1/2 ||t_j - a_j||^2.
+    The distribution-level losses (MMD, CosReg, FRAGE) move the rare rows toward *some* frequent region;
+    this one moves each toward the one frequent id it resembles, the prior a cold-start id needs.
+    """
+
+    name = "neighbor"
+    paired = True
+
+    def loss(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
+        _check_rows(source_rows, target_rows)
+        if source_rows.shape[0] != target_rows.shape[0]:
+            raise ValueError(f"neighbor loss pairs rows: {source_rows.shape[0]} anchors for {target_rows.shape[0]} rows")
+        t = _as_float(target_rows)
+        if t.shape[0] == 0:
+            return self._record(_zero_like_graph(target_rows))
+        a = _as_float(source_rows).detach()
+        return self._record(0.5 * (t - a).square().sum(1).mean())
+
+    def set_coverage(self, covered: Tensor) -> None:
+        """Fraction of the batch's target rows whose neighbor row was in the batch (kept as a tensor)."""
+        self._coverage_t = covered.detach()
+
+    def metrics(self) -> dict[str, float]:
+        cov = getattr(self, "_coverage_t", None)
+        return {"transfer_loss": self._last(), "anchor_coverage": float(cov) if cov is not None else math.nan}
 
 
 # --------------------------------------------------------------------------------------------- FRAGE
@@ -359,12 +395,14 @@ def build_transfer_loss(cfg: Any, dim: int, device: torch.device | str = "cpu", 
     elif name == "cosreg":
         mod = CosRegLoss(include_source=bool(getattr(cfg, "cosreg_include_source", False)),
                          form=str(getattr(cfg, "cosreg_form", "batch_mean")))
+    elif name == "neighbor":
+        mod = NeighborLoss()
     elif name == "frage":
         mod = FrageLoss(dim, lr=float(cfg.frage_lr), hidden=int(getattr(cfg, "frage_hidden", 0)),
                         weight_decay=float(getattr(cfg, "frage_weight_decay", 0.0)), seed=seed,
                         device=device)
     else:
-        raise ValueError(f"unknown transfer loss {name!r}; expected one of mmd, cosreg, frage")
+        raise ValueError(f"unknown transfer loss {name!r}; expected one of mmd, cosreg, frage, neighbor")
     return mod
 
 
