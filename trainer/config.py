@@ -205,6 +205,9 @@ class TransferConfig:
     eta_quantile: float = 0.2          # selective target domain threshold quantile
     frage_lr: float = 0.02
     cosreg_form: str = "batch_mean"    # batch_mean: ||mean unit row||^2 | paper: mean cos over distinct pairs
+    # neighbor loss: row j's pull is weighted 1 / (1 + count_j / anchor_count_scale) (train count of its
+    # id), a prior that fades as the id's own data grows; 0 = the same pull for every target row
+    anchor_count_scale: float = 0.0
     mmd_sigma_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     # planted.json of a generated dataset (data.generate): also report metrics on the examples whose
     # data.bucket_feature id is a planted twin / loner / other (eval groups; works in any mode)
@@ -218,6 +221,7 @@ class TransferConfig:
         _number(where, "source_frac", self.source_frac, 0, strict=True, high=1)
         _number(where, "eta_quantile", self.eta_quantile, 0, high=1)
         _number(where, "frage_lr", self.frage_lr, 0, strict=True)
+        _number(where, "anchor_count_scale", self.anchor_count_scale, 0)
         for i, scale in enumerate(self.mmd_sigma_scales):
             _number(where, f"mmd_sigma_scales[{i}]", scale, 0, strict=True)
 

@@ -95,6 +95,9 @@ class FeatureDomain:
     summary: dict = field(default_factory=dict)
     # int64 [num_embeddings]: each target id's co-occurrence neighbor in S (-1: none); the neighbor loss's anchor
     neighbor_of: torch.Tensor | None = None
+    # float [num_embeddings]: the neighbor loss's per-id strength 1 / (1 + count / anchor_count_scale), a
+    # prior that fades as an id's own training data grows (None: 1 for every id)
+    anchor_weight: torch.Tensor | None = None
 
 
 def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict[str, int]) -> dict[str, FeatureDomain]:
@@ -121,7 +124,15 @@ def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict
         neighbor_of = torch.full((n,), -1, dtype=torch.long)
         if dom.neighbors is not None:
             neighbor_of[torch.from_numpy(dom.target_ids)] = torch.from_numpy(dom.neighbors)
-        out[f] = FeatureDomain(f, factor_dims[f], is_source, in_target, summ, neighbor_of)
+        anchor_weight = None
+        if t.anchor_count_scale > 0:
+            from data.stats import load_counts
+
+            cnt = torch.zeros(n, dtype=torch.float32)
+            c = torch.from_numpy(load_counts(cfg.data.path)[f].astype(np.float32))
+            cnt[:min(n, c.numel())] = c[:n]
+            anchor_weight = 1.0 / (1.0 + cnt / t.anchor_count_scale)
+        out[f] = FeatureDomain(f, factor_dims[f], is_source, in_target, summ, neighbor_of, anchor_weight)
     return out
 
 
@@ -192,6 +203,7 @@ class TransferRuntime:
         for d in domains.values():
             d.is_source = d.is_source.to(device)
             d.neighbor_of = d.neighbor_of.to(device) if d.neighbor_of is not None else None
+            d.anchor_weight = d.anchor_weight.to(device) if d.anchor_weight is not None else None
         self._acc: dict[str, dict[str, list[float]]] = {}
         self.dmp = None
 

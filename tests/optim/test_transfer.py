@@ -356,5 +356,7 @@ def test_neighbor_loss_pulls_each_row_toward_its_own_anchor_only():
     torch.testing.assert_close(t.grad, (t - a).detach() / 2)     # d/dt_j = (t_j - a_j) / n
     assert a.grad is None                                        # anchors are detached
     assert mod.paired and mod.loss(a[:0], t[:0]).item() == 0.0
+    w = torch.tensor([0.5, 0.1], dtype=torch.float64)      # per-row strength: (0.5 * 1/2 + 0.1 * 1) / 2
+    assert mod.loss(a, t.detach(), w).item() == pytest.approx((0.5 * 0.5 + 0.1 * 1.0) / 2, rel=1e-12)
     with pytest.raises(ValueError, match="pairs rows"):
         mod.loss(a, t[:1])

@@ -189,7 +189,7 @@ def test_neighbor_anchor_is_the_row_of_the_neighbor_id_when_it_is_in_the_batch()
     nb = torch.tensor([3, 8, -1])            # 5 -> 3 (in the batch), 7 -> 8 (not in it), 9 -> none
     rows = torch.arange(5, dtype=torch.float).unsqueeze(1).repeat(1, 4)
     pooled = {"movie_id": rows, "movie_id__shadow": rows * 10}
-    src, tgt = _anchor_pairs(nb, s_ids, s_first, t_first, pooled, "movie_id", 3)
-    assert src.tolist() == [[1.0] * 3] and tgt.tolist() == [[20.0] * 3]
-    src, tgt = _anchor_pairs(nb, s_ids[:0], s_first[:0], t_first, pooled, "movie_id", 3)
+    src, tgt, ok = _anchor_pairs(nb, s_ids, s_first, t_first, pooled, "movie_id", 3)
+    assert src.tolist() == [[1.0] * 3] and tgt.tolist() == [[20.0] * 3] and ok.tolist() == [True, False, False]
+    src, tgt, _ = _anchor_pairs(nb, s_ids[:0], s_first[:0], t_first, pooled, "movie_id", 3)
     assert src.shape == (0, 3) and tgt.shape == (0, 3)

@@ -77,8 +77,8 @@ class TransferLoss(nn.Module):
     def loss(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
-        return self.loss(source_rows, target_rows)
+    def forward(self, source_rows: Tensor, target_rows: Tensor, *args: Any) -> Tensor:
+        return self.loss(source_rows, target_rows, *args)
 
     def after_step(self) -> None:
         """End-of-training-step hook; stateless losses need nothing."""
@@ -224,7 +224,8 @@ class NeighborLoss(TransferLoss):
     name = "neighbor"
     paired = True
 
-    def loss(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
+    def loss(self, source_rows: Tensor, target_rows: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``weights`` [n] (optional): per-row strength w_j, l = (1/n) sum_j w_j 1/2 ||t_j - a_j||^2."""
         _check_rows(source_rows, target_rows)
         if source_rows.shape[0] != target_rows.shape[0]:
             raise ValueError(f"neighbor loss pairs rows: {source_rows.shape[0]} anchors for {target_rows.shape[0]} rows")
@@ -232,7 +233,10 @@ class NeighborLoss(TransferLoss):
         if t.shape[0] == 0:
             return self._record(_zero_like_graph(target_rows))
         a = _as_float(source_rows).detach()
-        return self._record(0.5 * (t - a).square().sum(1).mean())
+        per_row = 0.5 * (t - a).square().sum(1)
+        if weights is not None:
+            per_row = per_row * weights.to(per_row.dtype)
+        return self._record(per_row.mean())
 
     def set_coverage(self, covered: Tensor) -> None:
         """Fraction of the batch's target rows whose neighbor row was in the batch (kept as a tensor)."""
