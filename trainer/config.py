@@ -201,6 +201,9 @@ class TransferConfig:
     loss: str = "mmd"                  # one of TRANSFER_LOSSES
     features: list[str] = field(default_factory=list)  # features whose table gets the transfer loss
     weight: float = 1e-2               # fixed coefficient for plus_t / select
+    # coefficient of the transfer loss in lexico / both (1 = Algorithm 1); 0 = the matched-step control:
+    # the lexico rule with h = 0 (lambda_i = alpha min(1, loss/||g_i||^2)), i.e. its step size, no transfer
+    lexico_weight: float = 1.0
     source_frac: float = 0.2           # top 20% ids by count = source domain
     eta_quantile: float = 0.2          # selective target domain threshold quantile
     frage_lr: float = 0.02
@@ -218,6 +221,7 @@ class TransferConfig:
         _choice(where, "loss", self.loss, TRANSFER_LOSSES)
         _choice(where, "cosreg_form", self.cosreg_form, ("batch_mean", "paper"))
         _number(where, "weight", self.weight, 0)
+        _number(where, "lexico_weight", self.lexico_weight, 0)
         _number(where, "source_frac", self.source_frac, 0, strict=True, high=1)
         _number(where, "eta_quantile", self.eta_quantile, 0, high=1)
         _number(where, "frage_lr", self.frage_lr, 0, strict=True)

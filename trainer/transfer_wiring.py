@@ -197,7 +197,9 @@ class TransferRuntime:
         t = cfg.transfer
         self.mode = t.mode
         self.lexico = t.mode in LEXICO_MODES
-        self.coef = 1.0 if self.lexico else float(t.weight)
+        # lexico/both: the kernel balances h against g per row, so the loss enters unweighted
+        # (lexico_weight = 1); lexico_weight = 0 is the matched-step control: the same lambda rule, no transfer
+        self.coef = float(t.lexico_weight) if self.lexico else float(t.weight)
         self.losses = {f: build_transfer_loss(t, d.factor_dim, device, seed=cfg.train.seed)
                        for f, d in domains.items()}
         for d in domains.values():

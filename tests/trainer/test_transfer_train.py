@@ -193,3 +193,14 @@ def test_neighbor_anchor_is_the_row_of_the_neighbor_id_when_it_is_in_the_batch()
     assert src.tolist() == [[1.0] * 3] and tgt.tolist() == [[20.0] * 3] and ok.tolist() == [True, False, False]
     src, tgt, _ = _anchor_pairs(nb, s_ids[:0], s_first[:0], t_first, pooled, "movie_id", 3)
     assert src.shape == (0, 3) and tgt.shape == (0, 3)
+
+
+def test_lexico_weight_scales_the_transfer_loss_and_zero_is_the_matched_step_control():
+    from trainer.transfer_wiring import TransferRuntime
+
+    for mode, weight, lexico_weight, want in (("lexico", 0.01, 1.0, 1.0), ("both", 0.01, 0.0, 0.0),
+                                              ("select", 0.05, 0.0, 0.05)):
+        cfg = Config()
+        cfg.transfer.mode, cfg.transfer.features = mode, ["movie_id"]
+        cfg.transfer.weight, cfg.transfer.lexico_weight = weight, lexico_weight
+        assert TransferRuntime(cfg, {"movie_id": _domain()}, torch.device("cpu")).coef == want
