@@ -321,10 +321,70 @@ def planted_groups(dataset_dir: str | Path, feature: str, planted_json: str | Pa
     return out
 
 
-def eval_groups(cfg: Config) -> np.ndarray | None:
-    """``transfer.eval_groups`` (planted.json) -> id -> group array on ``data.bucket_feature``, or None."""
+MAX_EVAL_GROUPS = 32          # groups become a Prometheus label value: keep the set small and bounded
+RESERVED_GROUPS = ("all", "head", "torso", "tail")
+
+
+def csv_groups(dataset_dir: str | Path, feature: str, path: str | Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``<feature id>,<group>`` lines (raw id as in the source data, any group names; an optional
+    ``id,group`` header) -> (dense id -> group index, -1 = no group; group names in first-seen order).
+
+    Refused with the file and line named: a line without exactly two fields, an empty or reserved group
+    name, an id given two different groups, more than MAX_EVAL_GROUPS groups. Ids the dataset's vocabulary
+    does not hold are counted and logged (they cannot occur in the evaluation)."""
+    import csv
+
+    from data.writer import load_vocab
+
+    index = {v: i for i, v in enumerate(load_vocab(dataset_dir, feature))}
+    out = np.full(len(index), -1, dtype=np.int16)
+    names: list[str] = []
+    first_line: dict[str, tuple[int, str]] = {}
+    unknown = 0
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for line_no, row in enumerate(csv.reader(fh), start=1):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            where = f"{path}:{line_no}"
+            if len(row) != 2:
+                raise ConfigError(f"transfer.eval_groups: {where}: expected '<feature id>,<group>', got {len(row)} fields")
+            raw, group = row[0].strip(), row[1].strip()
+            if line_no == 1 and (raw.lower(), group.lower()) == ("id", "group"):
+                continue
+            if not group or group in RESERVED_GROUPS:
+                raise ConfigError(f"transfer.eval_groups: {where}: group name {group!r} is empty or reserved "
+                                  f"({', '.join(RESERVED_GROUPS)})")
+            if raw in first_line and first_line[raw][1] != group:
+                raise ConfigError(f"transfer.eval_groups: {where}: id {raw!r} is in group {first_line[raw][1]!r} "
+                                  f"at line {first_line[raw][0]} and in {group!r} here")
+            first_line.setdefault(raw, (line_no, group))
+            if group not in names:
+                names.append(group)
+                if len(names) > MAX_EVAL_GROUPS:
+                    raise ConfigError(f"transfer.eval_groups: {where}: more than {MAX_EVAL_GROUPS} groups")
+            if raw not in index:
+                unknown += 1
+                continue
+            out[index[raw]] = names.index(group)
+    if unknown:
+        log.warning("transfer.eval_groups %s: %d id(s) are not in %s's vocabulary (never evaluated)",
+                    path, unknown, feature)
+    return out, tuple(names)
+
+
+def eval_groups(cfg: Config) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """``transfer.eval_groups`` -> (id -> group index on ``data.bucket_feature``, group names), or None.
+    A ``.json`` file is a generator's planted.json (twin / loner / other); anything else a CSV of
+    ``<feature id>,<group>`` lines (``csv_groups``)."""
     if not cfg.transfer.eval_groups:
         return None
     if not cfg.data.bucket_feature:
-        raise ConfigError("transfer.eval_groups needs data.bucket_feature (the feature the planted ids belong to)")
-    return planted_groups(cfg.data.path, cfg.data.bucket_feature, cfg.transfer.eval_groups)
+        raise ConfigError("transfer.eval_groups needs data.bucket_feature (the feature whose ids it groups)")
+    path = cfg.transfer.eval_groups
+    if not Path(path).is_file():
+        raise ConfigError(f"transfer.eval_groups: {path}: no such file")
+    if str(path).endswith(".json"):
+        from data.generate import PLANTED_GROUPS
+
+        return planted_groups(cfg.data.path, cfg.data.bucket_feature, path), PLANTED_GROUPS
+    return csv_groups(cfg.data.path, cfg.data.bucket_feature, path)

@@ -204,3 +204,38 @@ def test_lexico_weight_scales_the_transfer_loss_and_zero_is_the_matched_step_con
         cfg.transfer.mode, cfg.transfer.features = mode, ["movie_id"]
         cfg.transfer.weight, cfg.transfer.lexico_weight = weight, lexico_weight
         assert TransferRuntime(cfg, {"movie_id": _domain()}, torch.device("cpu")).coef == want
+
+
+def test_csv_eval_groups_map_raw_ids_and_refuse_bad_lines(tiny_ml, tmp_path):
+    from data.writer import load_vocab
+    from trainer.transfer_wiring import MAX_EVAL_GROUPS, csv_groups
+
+    vocab = load_vocab(tiny_ml, "movie_id")
+    f = tmp_path / "groups.csv"
+    f.write_text(f"id,group\n{vocab[3]},drama\n{vocab[5]},kids\n{vocab[7]},drama\nnot-an-id,kids\n\n")
+    arr, names = csv_groups(tiny_ml, "movie_id", f)
+    assert names == ("drama", "kids")
+    assert arr[3] == 0 and arr[5] == 1 and arr[7] == 0 and (arr == -1).sum() == len(vocab) - 3
+    for text, match in ((f"{vocab[1]},a,b\n", r"groups.csv:1: expected '<feature id>,<group>', got 3"),
+                        (f"{vocab[1]},a\n{vocab[2]},b\n{vocab[1]},c\n", r"groups.csv:3: id .* in group 'a' at line 1"),
+                        (f"{vocab[1]},tail\n", r"groups.csv:1: group name 'tail' is empty or reserved"),
+                        ("".join(f"{vocab[i]},g{i}\n" for i in range(MAX_EVAL_GROUPS + 1)),
+                         rf"groups.csv:{MAX_EVAL_GROUPS + 1}: more than {MAX_EVAL_GROUPS} groups")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            csv_groups(tiny_ml, "movie_id", f)
+
+
+@pytest.mark.dist
+def test_a_run_reports_the_users_csv_segments(tiny_ml, tmp_path):
+    from data.writer import load_vocab
+
+    vocab = load_vocab(tiny_ml, "movie_id")
+    seg = tmp_path / "segments.csv"
+    seg.write_text("".join(f"{v},{'even' if i % 2 == 0 else 'odd'}\n" for i, v in enumerate(vocab)))
+    run = tmp_path / "run"
+    run_trainer(run, tiny_ml, 1, f"--transfer.eval_groups={seg}", "--train.epochs=1", "--train.max_steps=3",
+                "--metrics.enabled=true", f"--metrics.base_port={__import__('trainer.launch').launch.free_port()}")
+    test = results(run)["best"]["test"]
+    assert test["even"]["examples"] + test["odd"]["examples"] == test["all"]["examples"] > 0
+    assert 0.0 <= test["even"]["auc"] <= 1.0
