@@ -72,7 +72,8 @@ def prepare_config(cfg: Config) -> None:
         want = t.mode in LEXICO_MODES
         if want and opt.name not in STEP_RULES:
             raise ConfigError(f"transfer.mode={t.mode}: table {f} needs one of our kernels "
-                              f"{list(STEP_RULES)} (embedding.optimizer.name), not {opt.name}")
+                              f"{list(STEP_RULES)} (embedding.optimizer.name), not {opt.name}; for the stock "
+                              f"baseline use --method=stock, or turn transfer off with --transfer.mode=baseline")
         if opt.lexico != want:
             tc = copy.deepcopy(cfg.embedding.tables.get(f, TableConfig()))
             tc.optimizer = replace(opt, lexico=want)
