@@ -52,7 +52,7 @@ def _generate(args) -> int:
     from data import generate
     try:
         if args.format == "movielens":
-            info = generate.generate_movielens(args.out, rows=args.rows, seed=args.seed)
+            info = generate.generate_movielens(args.out, rows=args.rows, seed=args.seed, **_params(args.param))
         else:
             out = Path(args.out)
             if out.suffix not in (".txt", ".gz"):     # a directory: Kaggle file name inside it
@@ -62,6 +62,20 @@ def _generate(args) -> int:
         return _fail(e)
     print({k: v for k, v in info.items() if not isinstance(v, (list, dict))})
     return 0
+
+
+def _params(items: list[str]) -> dict:
+    """``--param NAME=VALUE`` (repeatable) -> generator keyword arguments (numbers)."""
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = (int(value) if value.lstrip("-").isdigit() else float(value)) if sep else None
+        except ValueError:
+            out[name] = None
+        if out[name] is None:
+            raise ValueError(f"--param {item!r}: expected NAME=NUMBER")
+    return out
 
 
 def _stats(args) -> int:
@@ -102,6 +116,9 @@ def register(subparsers) -> None:
     g.add_argument("--rows", type=int, default=200_000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--gz", action="store_true", help="Criteo: gzip the output")
+    g.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="MovieLens world parameter (data.generate.ML_DEFAULTS), e.g. logit_scale=0.35 for a "
+                        "harder world; repeatable")
     g.set_defaults(func=_generate)
     _add_convert(subparsers)
     s = subparsers.add_parser("stats", help="print the long-tail profile of a converted dataset")

@@ -94,3 +94,22 @@ def test_criteo_deterministic_and_gz(tmp_path):
     assert gzip.decompress((tmp_path / "a.txt.gz").read_bytes()) == a
     generate_criteo(tmp_path / "c.txt", rows=3000, seed=6)
     assert (tmp_path / "c.txt").read_bytes() != a
+
+
+def test_cli_param_sets_a_world_parameter_and_refuses_unknown_ones(tmp_path):
+    import subprocess
+
+    from trainer import launch
+
+    def gen(*extra):
+        cmd = launch.command(["generate", "--format", "movielens", "--out", str(tmp_path / "w"), "--rows", "2000",
+                              *extra], module="trainer")
+        return subprocess.run(cmd, cwd=launch.REPO, env=launch.subprocess_env(), capture_output=True, text=True)
+
+    ok = gen("--param", "logit_scale=0.35", "--param", "clusters=4")
+    assert ok.returncode == 0, ok.stderr
+    planted = __import__("json").loads((tmp_path / "w" / "planted.json").read_text())
+    assert planted["params"]["logit_scale"] == 0.35 and planted["params"]["clusters"] == 4
+    bad = gen("--param", "nope=1")
+    assert bad.returncode == 2 and "unknown generator parameters ['nope']" in bad.stderr
+    assert gen("--param", "logit_scale=x").returncode == 2
