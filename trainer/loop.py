@@ -191,8 +191,10 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self.loss_watch.check(f"before the checkpoint of step {self.state.step}")
         self._sync_replicated_buffers()
-        dur = self.checkpointer.save(self.state.step, self._app_state(), asdict(self.state) | {
-            "world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)})
+        meta = asdict(self.state) | {"world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)}
+        if self.transfer:   # transfer statistics since the last evaluation, so a resume reports the same means
+            meta["transfer_stats"] = self.transfer.fold_for_checkpoint(self.env.rank)
+        dur = self.checkpointer.save(self.state.step, self._app_state(), meta)
         self.heartbeat.beat(f"checkpoint {self.state.step}")
         if self.metrics:
             self.metrics.on_checkpoint(dur, time.time())
@@ -237,6 +239,9 @@ class Trainer:
             self.transfer.load_app_state(st["transfer"])
         saved_world = meta.pop("world_size")
         meta.pop("config", None)
+        stats = meta.pop("transfer_stats", None)
+        if self.transfer and stats is not None:
+            self.transfer.load_fold(stats, self.env.rank)
         self.state = TrainState(**meta)
         if saved_world != self.env.world_size:  # same examples consumed, other per-rank batch count
             self.state.step_in_epoch = self.state.step_in_epoch * saved_world // self.env.world_size

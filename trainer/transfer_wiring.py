@@ -207,6 +207,7 @@ class TransferRuntime:
             d.is_source = d.is_source.to(device)
             d.neighbor_of = d.neighbor_of.to(device) if d.neighbor_of is not None else None
             d.anchor_weight = d.anchor_weight.to(device) if d.anchor_weight is not None else None
+        # per table, per statistic: [sum, count] of this rank's per-step values since the last evaluation
         self._acc: dict[str, dict[str, list[float]]] = {}
         self.dmp = None
 
@@ -218,36 +219,47 @@ class TransferRuntime:
         return ShadowBatches(source, self.domains, train)
 
     # -- per step
+    def _add(self, table: str, key: str, value: float) -> None:
+        tot = self._acc.setdefault(table, {}).setdefault(key, [0.0, 0.0])
+        tot[0] += float(value)
+        tot[1] += 1.0
+
     def after_step(self, step: int, stats_every: int = 5) -> None:
         for f, lm in self.losses.items():
             lm.after_step()
-            acc = self._acc.setdefault(f, {})
             for k, v in lm.metrics().items():
                 if not math.isnan(v):
-                    acc.setdefault(k, []).append(v)
+                    self._add(f, k, v)
         fresh = not any(k.startswith("lambda_") for a in self._acc.values() for k in a)
         if self.lexico and self.dmp is not None and (step % stats_every == 0 or fresh):
             from trainer.sharding import kernel_stats
 
             for table, st in kernel_stats(self.dmp).items():
-                if table not in self.domains:
-                    continue
-                acc = self._acc.setdefault(table, {})
-                for k, v in st.items():
-                    if k.startswith("lambda_"):
-                        acc.setdefault(k, []).append(v)
+                if table in self.domains:
+                    for k, v in st.items():
+                        if k.startswith("lambda_"):
+                            self._add(table, k, v)
 
     def flush_metrics(self) -> dict:
-        """Means of the per-step metrics since the last flush, per table (+ domain sizes), merged over
-        ranks. Collective: every rank calls it at each evaluation. The lambda statistics exist only on
-        the rank(s) owning the table's rows; the transfer loss on every rank: values a stat has on several
-        ranks are averaged, so every rank (and rank 0's results.json and log) sees the table's lambda."""
-        local = {f: {k: [float(np.mean(v)), 1.0] for k, v in self._acc.get(f, {}).items() if v}
-                 for f in self.domains}
+        """Means of the per-step metrics since the last flush, per table (+ domain sizes), over every
+        rank's steps. Collective: every rank calls it at each evaluation. The lambda statistics exist only
+        on the rank(s) owning the table's rows, the transfer loss on every rank: sums and counts are added
+        over ranks, so every rank (and rank 0's results.json and log) sees the table's lambda."""
+        merged = _merge_over_ranks({f: self._acc.get(f, {}) for f in self.domains})
         self._acc = {}
-        merged = _merge_over_ranks(local)
         return {f: {k: s / n for k, (s, n) in merged[f].items()} | {"domain": dict(d.summary)}
                 for f, d in self.domains.items()}
+
+    def fold_for_checkpoint(self, rank: int) -> dict:
+        """Collective, at each checkpoint: the sums since the last evaluation, merged over ranks, go into
+        the checkpoint's metadata and from then on live on rank 0 only. A resumed run (``load_fold``)
+        then reports exactly what an uninterrupted one does at its next evaluation."""
+        merged = _merge_over_ranks({f: self._acc.get(f, {}) for f in self.domains})
+        self.load_fold(merged, rank)
+        return merged
+
+    def load_fold(self, merged: dict, rank: int) -> None:
+        self._acc = {f: {k: list(v) for k, v in st.items()} for f, st in merged.items()} if rank == 0 else {}
 
     def last_metrics(self) -> dict[str, dict[str, float]]:
         return {f: lm.metrics() for f, lm in self.losses.items()}

@@ -158,10 +158,21 @@ def _flush_worker(rank: int, world: int, init: str, out: str) -> None:
     rt = TransferRuntime.__new__(TransferRuntime)        # only the metric accumulator is exercised
     rt.domains = {"movie_id": _domain()}
     # rank 1 owns movie_id's rows: only it has lambda statistics; both ranks computed the transfer loss
-    rt._acc = {"movie_id": {"transfer_loss": [1.0, 3.0]} if rank == 0 else
-               {"transfer_loss": [5.0], "lambda_p50": [2.0, 4.0], "lambda_max": [9.0]}}
+    def feed():
+        rt._acc = {}
+        for k, vals in ({"transfer_loss": [1.0, 3.0]} if rank == 0 else
+                        {"transfer_loss": [5.0], "lambda_p50": [2.0, 4.0], "lambda_max": [9.0]}).items():
+            for v in vals:
+                rt._add("movie_id", k, v)
+
+    feed()
     got = rt.flush_metrics()["movie_id"]
-    (Path(out) / f"{rank}.json").write_text(json.dumps(got))
+    feed()                            # a checkpoint in between: the sums move to rank 0 and nothing changes
+    folded = rt.fold_for_checkpoint(rank)
+    assert (rt._acc != {}) == (rank == 0)
+    rt.load_fold(json.loads(json.dumps(folded)), rank)      # what a resumed run reads back from the metadata
+    again = rt.flush_metrics()["movie_id"]
+    (Path(out) / f"{rank}.json").write_text(json.dumps([got, again]))
     dist.destroy_process_group()
 
 
@@ -175,9 +186,10 @@ def test_lambda_statistics_of_the_owner_rank_reach_every_rank(tmp_path):
 
     mp.spawn(_flush_worker, args=(2, f"tcp://127.0.0.1:{free_port()}", str(tmp_path)), nprocs=2)
     for rank in (0, 1):
-        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        got, again = json.loads((tmp_path / f"{rank}.json").read_text())
         assert got["lambda_p50"] == pytest.approx(3.0) and got["lambda_max"] == pytest.approx(9.0)
-        assert got["transfer_loss"] == pytest.approx((2.0 + 5.0) / 2)   # per-rank means, averaged
+        assert got["transfer_loss"] == pytest.approx((1.0 + 3.0 + 5.0) / 3)   # mean over every rank's steps
+        assert again == got
 
 
 def test_neighbor_anchor_is_the_row_of_the_neighbor_id_when_it_is_in_the_batch():
