@@ -1,0 +1,122 @@
+"""Column checks and decoders on Arrow string arrays, in numpy over the raw buffers (no Python per value).
+
+Every checker returns ``None`` when a value breaks the grammar of the row parsers (``data.readers.
+parse_int``, ``data.convert.criteo.parse_line``); the caller then sends the whole block through the
+row parser, which names the line and field. So these functions must never accept a value that the
+row parser rejects; rejecting a good one only costs speed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_U = np.uint64
+_HEXVAL = np.full(256, 255, np.uint8)            # ASCII hex digit -> value, anything else -> 255
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEXVAL[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEXVAL[_c] = 10 + _i
+_ISHEX = _HEXVAL < 16
+_INTCHAR = np.zeros(256, np.uint8)               # 1: digit, 2: '-', 0: anything else
+_INTCHAR[list(b"0123456789")] = 1
+_INTCHAR[ord("-")] = 2
+
+
+def string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(offsets int64 [n+1] starting at 0, lengths [n], bytes)`` of a (chunk-combined) string array;
+    a null value has length 0."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    off = np.frombuffer(arr.buffers()[1], np.int32, count=n + 1, offset=arr.offset * 4).astype(np.int64)
+    data_buf = arr.buffers()[2]
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    data = data[off[0]:off[-1]]
+    off -= off[0]
+    return off, np.diff(off), data
+
+
+def label01(arr: pa.Array) -> np.ndarray | None:
+    """float32 labels from a column whose every value must be exactly ``0`` or ``1``."""
+    off, ln, data = string_parts(arr)
+    if len(ln) and (ln.min() != 1 or ln.max() != 1):
+        return None
+    d = data.astype(np.int16) - ord("0")
+    if len(d) and (d.min() < 0 or d.max() > 1):
+        return None
+    return d.astype(np.float32)
+
+
+def int_column(arr: pa.Array) -> np.ndarray | None:
+    """float64 values of decimal integers ``-?[0-9]+`` (empty -> 0), exactly as Python's ``float(int(s))``.
+
+    Arrow's own int64 parser also takes ``" 5"`` and ``0x10``, so the bytes are checked here first;
+    a value beyond int64 fails the cast (the row path takes it: Python ints are unbounded)."""
+    off, ln, data = string_parts(arr)
+    cls = _INTCHAR[data]
+    if len(cls) and cls.min() == 0:
+        return None
+    minus = np.flatnonzero(cls == 2)
+    if len(minus):                                # a '-' must open a value and be followed by a digit
+        value = np.searchsorted(off, minus, side="right") - 1
+        if (off[value] != minus).any() or (ln[value] < 2).any():
+            return None
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    try:
+        ints = pc.cast(arr, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return ints.to_numpy(zero_copy_only=False).astype(np.float64) if ints.null_count == 0 else \
+        pc.fill_null(ints, 0).to_numpy().astype(np.float64)
+
+
+def _pack8(x: np.ndarray) -> np.ndarray:
+    """8 ASCII hex digits per little-endian uint64 lane (first digit in the low byte) -> their value."""
+    x = (x & _U(0x0F0F0F0F0F0F0F0F)) + ((x >> _U(6)) & _U(0x0101010101010101)) * _U(9)   # 'a'/'A' -> 10..
+    m1, m2, m3 = _U(0x000F000F000F000F), _U(0x000000FF000000FF), _U(0xFFFF)
+    x = ((x & m1) << _U(4)) | ((x >> _U(8)) & m1)
+    x = ((x & m2) << _U(8)) | ((x >> _U(16)) & m2)
+    return ((x & m3) << _U(16)) | ((x >> _U(32)) & m3)
+
+
+def hex_column(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(uint64 values, missing)`` of hex strings of 1-16 digits (either case); empty -> missing.
+
+    All values of 8 digits (the real data) decode 8 bytes per uint64 lane without a gather; other
+    lengths are right-aligned into 16 digits first."""
+    off, ln, data = string_parts(arr)
+    n = len(ln)
+    missing = ln == 0
+    if n == 0 or not len(data):
+        return np.zeros(n, _U), missing
+    if not _ISHEX[data].all() or ln.max() > 16:
+        return None
+    present = n - int(np.count_nonzero(missing))
+    if len(data) == 8 * present and ln.max() == 8:          # every non-empty value has 8 digits
+        vals = _pack8(np.ascontiguousarray(data).view("<u8"))
+        if present == n:
+            return vals, missing
+        out = np.zeros(n, _U)
+        out[~missing] = vals
+        return out, missing
+    pad = 16 - ln
+    idx = off[:-1, None] + np.arange(16) - pad[:, None]
+    digits = _HEXVAL[data[np.clip(idx, 0, len(data) - 1)]]
+    digits[np.arange(16) < pad[:, None]] = 0
+    packed = (digits[:, 0::2] << 4) | digits[:, 1::2]          # (n, 8) bytes, most significant first
+    return np.ascontiguousarray(packed).view(">u8").ravel().astype(_U), missing
+
+
+def hex_text(values: np.ndarray) -> list[str]:
+    """``f"{v:08x}"`` of each value (vocabulary files), vectorised for values below 2**32."""
+    values = np.asarray(values, _U)
+    if len(values) == 0:
+        return []
+    if values.max() >= 1 << 32:
+        return [f"{int(v):08x}" for v in values]
+    shifts = np.arange(28, -4, -4, dtype=_U)
+    digits = ((values[:, None] >> shifts) & _U(15)).astype(np.uint8)
+    chars = np.frombuffer(b"0123456789abcdef", np.uint8)[digits]
+    return np.ascontiguousarray(chars).view("S8").ravel().astype(str).tolist()
