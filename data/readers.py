@@ -112,7 +112,7 @@ def sha256_file(path: str | Path) -> str:
 class RowSink:
     """Decides what happens to a bad row: raise DataError, or log it to ``rejects.tsv`` and count it.
 
-    ``record=False`` is used on a first (counting) pass: bad rows are skipped without logging, because
+    ``record=False`` is used on a first (counting) pass: bad rows are counted but not logged, because
     the writing pass meets the same rows again and logs them once. Conversion workers write their own
     part (``name``); ``merge_rejects`` joins the parts in input order.
     """
@@ -129,6 +129,7 @@ class RowSink:
         if not self.skip:
             raise DataError(path, err.message, line=lineno, field=err.field)
         if not self.record:
+            self.by_file.setdefault(path.name, Counter())[err.reason] += 1
             return
         if self._w is None:
             self._f = open(self.path, "w", encoding="utf-8", newline="")

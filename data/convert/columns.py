@@ -21,6 +21,9 @@ _ISHEX = _HEXVAL < 16
 _INTCHAR = np.zeros(256, np.uint8)               # 1: digit, 2: '-', 0: anything else
 _INTCHAR[list(b"0123456789")] = 1
 _INTCHAR[ord("-")] = 2
+_DECCHAR = _INTCHAR.copy()                       # 1: digit, 2: '.', 0: anything else
+_DECCHAR[ord("-")] = 0
+_DECCHAR[ord(".")] = 2
 
 
 def string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,12 +51,17 @@ def label01(arr: pa.Array) -> np.ndarray | None:
     return d.astype(np.float32)
 
 
-def int_column(arr: pa.Array) -> np.ndarray | None:
-    """float64 values of decimal integers ``-?[0-9]+`` (empty -> 0), exactly as Python's ``float(int(s))``.
+def int_column(arr: pa.Array, allow_empty: bool = True) -> np.ndarray | None:
+    """int64 values of decimal integers ``-?[0-9]+`` (``data.readers.parse_int``); empty -> 0, or
+    None when ``allow_empty`` is off.
 
     Arrow's own int64 parser also takes ``" 5"`` and ``0x10``, so the bytes are checked here first;
-    a value beyond int64 fails the cast (the row path takes it: Python ints are unbounded)."""
+    a value beyond int64 fails the cast."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
     off, ln, data = string_parts(arr)
+    if not allow_empty and len(ln) and ln.min() == 0:
+        return None
     cls = _INTCHAR[data]
     if len(cls) and cls.min() == 0:
         return None
@@ -62,14 +70,35 @@ def int_column(arr: pa.Array) -> np.ndarray | None:
         value = np.searchsorted(off, minus, side="right") - 1
         if (off[value] != minus).any() or (ln[value] < 2).any():
             return None
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
     try:
         ints = pc.cast(arr, pa.int64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    return ints.to_numpy(zero_copy_only=False).astype(np.float64) if ints.null_count == 0 else \
-        pc.fill_null(ints, 0).to_numpy().astype(np.float64)
+    if ints.null_count:
+        ints = pc.fill_null(ints, 0)
+    return ints.to_numpy()
+
+
+def decimal_column(arr: pa.Array) -> np.ndarray | None:
+    """float64 values of ``[0-9]+(.[0-9]+)?`` (no sign, exponent, spaces or empty value), parsed by
+    Arrow as Python's ``float()`` does (both round correctly)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    off, ln, data = string_parts(arr)
+    if len(ln) and ln.min() == 0:
+        return None
+    cls = _DECCHAR[data]
+    if len(cls) and cls.min() == 0:
+        return None
+    dots = np.flatnonzero(cls == 2)
+    if len(dots):                                 # one '.' at most, between digits
+        value = np.searchsorted(off, dots, side="right") - 1
+        if (dots == off[value]).any() or (dots == off[value + 1] - 1).any() or np.bincount(value).max() > 1:
+            return None
+    try:
+        return pc.cast(arr, pa.float64()).to_numpy()
+    except pa.ArrowInvalid:
+        return None
 
 
 def _pack8(x: np.ndarray) -> np.ndarray:

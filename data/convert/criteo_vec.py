@@ -68,7 +68,7 @@ def parse_table(t: pa.Table, line0: int) -> Parsed | None:
         col = int_column(t.column(j))
         if col is None:
             return None
-        dense.append(col)
+        dense.append(col.astype(np.float64))
     cats = []
     for j in range(14, 40):
         col = hex_column(t.column(j))
@@ -152,7 +152,7 @@ def iter_parsed(task: Task, opts: CriteoOptions, last_file: int, sink: RowSink, 
 def _reduce(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sum ``counts`` of equal ``values``: (sorted distinct values, their totals)."""
     if len(values) == 0:
-        return values.astype(np.uint64), counts.astype(np.int64)
+        return values, counts.astype(np.int64)
     order = np.argsort(values, kind="stable")
     v, c = values[order], counts[order]
     starts = np.flatnonzero(np.concatenate([[True], v[1:] != v[:-1]]))
@@ -162,6 +162,7 @@ def _reduce(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
 @dataclass
 class ValueCounts:
     """Counts of uint64 values, merged lazily (sort + reduce when the pending parts grow)."""
+    dtype: type = np.uint64
     parts: list = field(default_factory=list)
     pending: int = 0
     missing: int = 0
@@ -176,7 +177,7 @@ class ValueCounts:
 
     def compact(self) -> tuple[np.ndarray, np.ndarray]:
         if len(self.parts) != 1:
-            vals = [v for v, _ in self.parts] or [np.zeros(0, np.uint64)]
+            vals = [v for v, _ in self.parts] or [np.zeros(0, self.dtype)]
             cnts = [c for _, c in self.parts] or [np.zeros(0, np.int64)]
             self.parts = [_reduce(np.concatenate(vals), np.concatenate(cnts))]
         self.pending = len(self.parts[0][0])
