@@ -103,10 +103,6 @@ def plan_tasks(files: list[Path], task_bytes: int, pool) -> list[Task]:
     return tasks
 
 
-def lines_in(block: bytes) -> int:
-    return block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-
-
 def split_lines(block: bytes) -> list[bytes]:
     """The block's lines as ``iter_lines`` yields them (``\\n`` split, trailing ``\\r`` dropped)."""
     parts = block.split(b"\n")
@@ -115,9 +111,9 @@ def split_lines(block: bytes) -> list[bytes]:
     return [p.rstrip(b"\r\n") for p in parts]
 
 
-def iter_blocks(task: Task, block_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(number of the block's first line, block)``; blocks hold whole lines, the last one of a
-    file possibly without its final ``\\n``."""
+def iter_blocks(task: Task, block_bytes: int) -> Iterator[tuple[int, bytes, int]]:
+    """Yield ``(number of the block's first line, block, its number of lines)``; blocks hold whole
+    lines, the last one of a file possibly without its final ``\\n``."""
     path = Path(task.path)
     line = task.first_line
     left = None if task.end is None else task.end - task.start
@@ -142,7 +138,7 @@ def iter_blocks(task: Task, block_bytes: int) -> Iterator[tuple[int, bytes]]:
                             continue
                 if not chunk:
                     if carry:
-                        yield line, carry
+                        yield line, carry, 1
                     return
                 data = carry + chunk if carry else chunk
                 cut = data.rfind(b"\n") + 1
@@ -150,8 +146,9 @@ def iter_blocks(task: Task, block_bytes: int) -> Iterator[tuple[int, bytes]]:
                     carry = data
                     continue
                 block, carry = data[:cut], data[cut:]
-                yield line, block
-                line += block.count(b"\n")
+                n = block.count(b"\n")
+                yield line, block, n
+                line += n
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise truncated_error(path, line - 1 + sum(p.count(b"\n") for p in partial), e) from None
 

@@ -60,7 +60,8 @@ def int_column(arr: pa.Array, allow_empty: bool = True) -> np.ndarray | None:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     off, ln, data = string_parts(arr)
-    if not allow_empty and len(ln) and ln.min() == 0:
+    empty = ln == 0
+    if not allow_empty and empty.any():
         return None
     cls = _INTCHAR[data]
     if len(cls) and cls.min() == 0:
@@ -74,9 +75,11 @@ def int_column(arr: pa.Array, allow_empty: bool = True) -> np.ndarray | None:
         ints = pc.cast(arr, pa.int64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
+    vals = np.frombuffer(ints.buffers()[1], np.int64, count=len(ints), offset=ints.offset * 8)
     if ints.null_count:
-        ints = pc.fill_null(ints, 0)
-    return ints.to_numpy()
+        vals = vals.copy()
+        vals[empty] = 0                           # null slots hold undefined values
+    return vals
 
 
 def decimal_column(arr: pa.Array) -> np.ndarray | None:
@@ -110,26 +113,41 @@ def _pack8(x: np.ndarray) -> np.ndarray:
     return ((x & m3) << _U(16)) | ((x >> _U(32)) & m3)
 
 
+def _hex_lanes_ok(x: np.ndarray) -> bool:
+    """Every byte of the uint64 lanes is an ASCII hex digit (SWAR range checks, 8 bytes per op)."""
+    hi = _U(0x8080808080808080)
+    if (x & hi).any():                       # a byte >= 0x80: the range checks below assume ASCII
+        return False
+    ones = 0x0101010101010101
+    low = x | _U(0x2020202020202020)         # 'A'-'F' -> 'a'-'f'; digits already have bit 5 set
+    digit = (x + _U(ones * (0x80 - 0x30))) & ~(x + _U(ones * (0x80 - 0x3A)))
+    alpha = (low + _U(ones * (0x80 - 0x61))) & ~(low + _U(ones * (0x80 - 0x67)))
+    return bool((((digit | alpha) & hi) == hi).all())
+
+
 def hex_column(arr: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
     """``(uint64 values, missing)`` of hex strings of 1-16 digits (either case); empty -> missing.
 
-    All values of 8 digits (the real data) decode 8 bytes per uint64 lane without a gather; other
-    lengths are right-aligned into 16 digits first."""
+    All values of 8 digits (the real data) are checked and decoded 8 bytes per uint64 lane, without a
+    gather; other lengths are right-aligned into 16 digits first."""
     off, ln, data = string_parts(arr)
     n = len(ln)
     missing = ln == 0
     if n == 0 or not len(data):
         return np.zeros(n, _U), missing
-    if not _ISHEX[data].all() or ln.max() > 16:
-        return None
     present = n - int(np.count_nonzero(missing))
     if len(data) == 8 * present and ln.max() == 8:          # every non-empty value has 8 digits
-        vals = _pack8(np.ascontiguousarray(data).view("<u8"))
+        lanes = np.ascontiguousarray(data).view("<u8")
+        if not _hex_lanes_ok(lanes):
+            return None
+        vals = _pack8(lanes)
         if present == n:
             return vals, missing
         out = np.zeros(n, _U)
         out[~missing] = vals
         return out, missing
+    if not _ISHEX[data].all() or ln.max() > 16:
+        return None
     pad = 16 - ln
     idx = off[:-1, None] + np.arange(16) - pad[:, None]
     digits = _HEXVAL[data[np.clip(idx, 0, len(data) - 1)]]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from data.convert.blocks import Task, iter_blocks, lines_in, split_lines
+from data.convert.blocks import Task, iter_blocks, split_lines
 from data.convert.columns import hex_column, int_column, label01
 from data.convert.common import CriteoOptions, row_uniform_np, split_codes, split_key
 from data.convert.criteo_format import COLUMNS, SPARSE, parse_line
@@ -130,8 +130,7 @@ def iter_parsed(task: Task, opts: CriteoOptions, last_file: int, sink: RowSink, 
                 train_only: bool = False):
     """Yield ``(Parsed, split codes)`` per block of the task."""
     parse, path = _parse_options(), Path(task.path)
-    for first, block in iter_blocks(task, opts.block_bytes):
-        n = lines_in(block)
+    for first, block, n in iter_blocks(task, opts.block_bytes):
         stats.lines += n
         stats.blocks += 1
         line0 = first - 1
@@ -225,7 +224,7 @@ def block_table(p: Parsed, opts: CriteoOptions, vocab: list[VocabKeys] | None, s
     arrays = [pa.array(p.label)]
     for x in p.dense:
         # log1p(max(x, 0)) in float64 through Arrow (the C library's log1p, as math.log1p), then float32
-        arrays.append(pa.array(pc.log1p(pa.array(np.maximum(x, 0.0))).to_numpy().astype(np.float32)))
+        arrays.append(pc.cast(pc.log1p(np.maximum(x, 0.0)), pa.float32()))
     h = opts.hash_size
     for j, (vals, missing) in enumerate(p.cats):
         ids = np.where(missing, h, vals % np.uint64(h)).astype(np.int64) if vocab is None else \

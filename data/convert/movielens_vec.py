@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from data.convert.blocks import Task, iter_blocks, lines_in, split_lines
+from data.convert.blocks import Task, iter_blocks, split_lines
 from data.convert.columns import decimal_column, int_column
 from data.convert.common import MovieLensOptions, row_uniform_np, split_codes
 from data.convert.criteo_vec import BlockStats, ValueCounts, read_block
@@ -171,13 +171,12 @@ def iter_rows(task: Task, opts: MovieLensOptions, layout: str, width: int, looku
               stats: BlockStats, info: BlockInfo):
     names, parse, convert = _options(layout, width)
     path = Path(task.path)
-    for first, block in iter_blocks(task, opts.block_bytes):
+    for first, block, n in iter_blocks(task, opts.block_bytes):
         if first == 1 and layout == "csv":          # the header (checked by the parent)
             nl = block.find(b"\n")
-            block, first = (block[nl + 1:] if nl >= 0 else b""), 2
+            block, first, n = (block[nl + 1:] if nl >= 0 else b""), 2, n - 1
             if not block:
                 continue
-        n = lines_in(block)
         stats.lines += n
         stats.blocks += 1
         t = read_block(block, n, names, parse, convert)
