@@ -133,15 +133,16 @@ class DatasetWriter:
         self.splits[split].append(row)
 
     def append_table(self, codes: np.ndarray, table: pa.Table) -> None:
-        """Rows of ``table`` (schema order) to split ``SPLITS[codes[i]]``, keeping their order."""
+        """Rows of ``table`` (schema order) to split ``SPLITS[codes[i]]``, keeping their order.
+
+        One gather per split, not one sort + slices: a slice would keep the whole block alive in the
+        pending buffers of the small splits (valid/test fill a row group from dozens of blocks)."""
         counts = np.bincount(codes, minlength=len(SPLITS)) if len(codes) else np.zeros(len(SPLITS), np.int64)
-        if counts.max(initial=0) < len(codes):     # more than one split: one stable gather, then slices
-            table = table.take(pa.array(np.argsort(codes, kind="stable")))
-        start = 0
-        for s, n in zip(SPLITS, counts.tolist()):
-            if n:
-                self.splits[s].append_table(table.slice(start, n))
-                start += n
+        for i, (s, n) in enumerate(zip(SPLITS, counts.tolist())):
+            if n == len(codes):
+                self.splits[s].append_table(table)
+            elif n:
+                self.splits[s].append_table(table.take(pa.array(np.flatnonzero(codes == i))))
 
     def close(self, empty_files: bool = True) -> dict[str, SplitInfo]:
         return {s: w.close(empty_files) for s, w in self.splits.items()}
