@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 
 class Pool:
@@ -27,6 +28,10 @@ class Pool:
         futures = [self._ex.submit(fn, *it) for it in items]
         try:
             return [f.result() for f in futures]
+        except BrokenProcessPool:
+            raise RuntimeError("a conversion worker process died (out of memory? or a script that calls the "
+                               "converter with workers > 1 lacks `if __name__ == '__main__':`); workers=1 "
+                               "runs everything in this process") from None
         except BaseException:
             for f in futures:
                 f.cancel()
