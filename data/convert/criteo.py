@@ -34,7 +34,7 @@ from data.convert.columns import hex_text
 from data.convert.common import (CriteoOptions, OptionsError, Vocab, check_rows_left, file_checksums, finish,
                                  row_uniform, split_key, split_of)
 from data.convert.criteo_format import DENSE, SPARSE, parse_line, resolve_inputs
-from data.convert.criteo_vec import BlockStats, ValueCounts, count_task, write_task
+from data.convert.criteo_vec import BlockStats, ValueCounts, count_task, save_keys, write_task
 from data.convert.parallel import Pool
 from data.manifest import SparseFeature, SplitInfo
 from data.readers import RowError, RowSink, iter_lines, merge_rejects
@@ -84,7 +84,7 @@ def _build_vocabs(out: Path, results: list, opts: CriteoOptions) -> tuple[list[S
     for name, (values, counts, missing) in zip(SPARSE, _merge_counts(results)):
         keep = counts >= opts.min_count
         keys = np.ascontiguousarray(values[keep])
-        np.save(keys_dir / f"{name}.npy", keys)
+        save_keys(keys_dir, name, keys)
         n = len(keys) + 2                                   # + missing + OOV
         cap = opts.max_ind_range
         sparse.append(SparseFeature(name, min(n, cap) if cap else n, oov_id=(n - 1) % cap if cap else n - 1))

@@ -12,6 +12,7 @@ parsed again line by line by ``parse_line``, which names the line and field or s
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,22 +203,61 @@ def count_task(task: Task, opts: CriteoOptions, last_file: int) -> tuple[list, B
 @dataclass
 class VocabKeys:
     """The vocabulary of one feature as the workers use it: sorted raw values; ids 0..k-1, then
-    ``k`` = missing, ``k + 1`` = OOV; ids taken modulo ``cap`` when one is set."""
+    ``k`` = missing, ``k + 1`` = OOV; ids taken modulo ``cap`` when one is set.
+
+    Lookup: ``starts`` cuts the keys by their top bits into about ``k`` buckets (the ids are hashes,
+    so buckets hold a few keys), then a fixed number of vectorised bisection steps inside the bucket;
+    several times faster than ``np.searchsorted`` over a large vocabulary (fewer cache misses)."""
     keys: np.ndarray
+    starts: np.ndarray
+    shift: int
+    steps: int
     cap: int = 0
+
+    @staticmethod
+    def index(keys: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """``(starts, shift, steps)`` for sorted uint64 ``keys``."""
+        if len(keys) == 0:
+            return np.zeros(2, np.int64), 0, 0
+        bits = max(1, int(len(keys) - 1).bit_length())
+        shift = max(0, int(keys[-1]).bit_length() - bits)
+        edges = np.arange((1 << bits) + 1, dtype=np.uint64) << np.uint64(shift)
+        starts = np.searchsorted(keys, edges).astype(np.int64)
+        starts[-1] = len(keys)
+        return starts, shift, int(np.diff(starts).max()).bit_length()
 
     def ids(self, values: np.ndarray, missing: np.ndarray) -> np.ndarray:
         k = len(self.keys)
-        pos = np.searchsorted(self.keys, values)
         hit = np.zeros(len(values), bool)
+        pos = np.zeros(len(values), np.int64)
         if k:
+            b = np.minimum(values >> np.uint64(self.shift), np.uint64(len(self.starts) - 2)).astype(np.int64)
+            lo, hi = self.starts[b], self.starts[b + 1]
+            for _ in range(self.steps):               # lower bound of the value inside its bucket
+                mid = (lo + hi) >> 1
+                right = (mid < hi) & (self.keys[np.minimum(mid, k - 1)] < values)
+                lo = np.where(right, mid + 1, lo)
+                hi = np.where(right, hi, mid)
+            pos = lo
             hit = self.keys[np.minimum(pos, k - 1)] == values
         ids = np.where(missing, k, np.where(hit, pos, k + 1)).astype(np.int64)
         return ids % self.cap if self.cap else ids
 
 
+def save_keys(keys_dir: Path, name: str, keys: np.ndarray) -> None:
+    starts, shift, steps = VocabKeys.index(keys)
+    np.save(keys_dir / f"{name}.npy", keys)
+    np.save(keys_dir / f"{name}.starts.npy", starts)
+    (keys_dir / f"{name}.json").write_text(json.dumps({"shift": shift, "steps": steps}))
+
+
 def load_keys(keys_dir: Path, cap: int) -> list[VocabKeys]:
-    return [VocabKeys(np.load(keys_dir / f"{n}.npy", mmap_mode="r"), cap) for n in SPARSE]
+    out = []
+    for n in SPARSE:
+        meta = json.loads((keys_dir / f"{n}.json").read_text())
+        out.append(VocabKeys(np.load(keys_dir / f"{n}.npy", mmap_mode="r"),
+                             np.load(keys_dir / f"{n}.starts.npy", mmap_mode="r"), meta["shift"], meta["steps"], cap))
+    return out
 
 
 def block_table(p: Parsed, opts: CriteoOptions, vocab: list[VocabKeys] | None, schema: pa.Schema) -> pa.Table:

@@ -86,3 +86,20 @@ def test_hex_text_matches_format():
     assert hex_text(vals) == [f"{int(v):08x}" for v in vals]
     big = np.array([1, 1 << 40], np.uint64)
     assert hex_text(big) == ["00000001", "10000000000"]
+
+
+@pytest.mark.parametrize("n_keys, spread", [(0, 32), (1, 32), (7, 4), (5000, 32), (3000, 64), (2000, 12)])
+def test_vocab_lookup_equals_searchsorted(n_keys, spread):
+    from data.convert.criteo_vec import VocabKeys
+    rng = np.random.default_rng(n_keys)
+    hi = (1 << spread) - 1
+    keys = np.unique(rng.integers(0, hi, n_keys, dtype=np.uint64, endpoint=True))
+    q = rng.integers(0, hi, 4000, dtype=np.uint64, endpoint=True)
+    if len(keys):
+        q[::2] = keys[rng.integers(0, len(keys), 2000)]
+    missing = rng.random(4000) < 0.1
+    voc = VocabKeys(keys, *VocabKeys.index(keys))
+    pos = np.searchsorted(keys, q)
+    hit = (pos < len(keys)) & (keys[np.minimum(pos, max(len(keys) - 1, 0))] == q) if len(keys) else pos < 0
+    want = np.where(missing, len(keys), np.where(hit, pos, len(keys) + 1))
+    assert np.array_equal(voc.ids(q, missing), want)
