@@ -27,16 +27,17 @@ _DECCHAR[ord(".")] = 2
 
 
 def string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(offsets int64 [n+1] starting at 0, lengths [n], bytes)`` of a (chunk-combined) string array;
-    a null value has length 0."""
+    """``(offsets int32 [n+1] starting at 0, lengths [n], bytes)`` of a string array, views on its
+    buffers where possible; a null value has length 0."""
     if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+        arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
     n = len(arr)
-    off = np.frombuffer(arr.buffers()[1], np.int32, count=n + 1, offset=arr.offset * 4).astype(np.int64)
-    data_buf = arr.buffers()[2]
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    data = data[off[0]:off[-1]]
-    off -= off[0]
+    bufs = arr.buffers()
+    off = np.frombuffer(bufs[1], np.int32, count=n + 1, offset=arr.offset * 4)
+    start, end = int(off[0]), int(off[-1])
+    data = np.frombuffer(bufs[2], np.uint8, count=end - start, offset=start) if end > start else np.zeros(0, np.uint8)
+    if start:
+        off = off - start
     return off, np.diff(off), data
 
 
@@ -58,15 +59,14 @@ def int_column(arr: pa.Array, allow_empty: bool = True) -> np.ndarray | None:
     Arrow's own int64 parser also takes ``" 5"`` and ``0x10``, so the bytes are checked here first;
     a value beyond int64 fails the cast."""
     if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+        arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
     off, ln, data = string_parts(arr)
     empty = ln == 0
     if not allow_empty and empty.any():
         return None
-    cls = _INTCHAR[data]
-    if len(cls) and cls.min() == 0:
+    minus = np.flatnonzero((data - np.uint8(48)) > 9)     # not a digit (uint8 wraps below '0')
+    if len(minus) and (data[minus] != ord("-")).any():
         return None
-    minus = np.flatnonzero(cls == 2)
     if len(minus):                                # a '-' must open a value and be followed by a digit
         value = np.searchsorted(off, minus, side="right") - 1
         if (off[value] != minus).any() or (ln[value] < 2).any():

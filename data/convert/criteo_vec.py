@@ -260,16 +260,39 @@ def load_keys(keys_dir: Path, cap: int) -> list[VocabKeys]:
     return out
 
 
+_LOG1P_SMALL = 1 << 16
+_LOG1P_TABLE: np.ndarray | None = None
+
+
+def dense_log1p(x: np.ndarray) -> np.ndarray:
+    """float32 ``log1p(max(x, 0))`` of raw integers, computed in float64 by Arrow (the C library's
+    log1p, as ``math.log1p`` in the row engine); values below 2**16 (nearly all) from a table of the
+    same function."""
+    global _LOG1P_TABLE
+    if _LOG1P_TABLE is None:
+        _LOG1P_TABLE = pc.cast(pc.log1p(np.arange(_LOG1P_SMALL, dtype=np.float64)), pa.float32()).to_numpy()
+    x = np.maximum(x, 0.0)
+    out = _LOG1P_TABLE[np.minimum(x, _LOG1P_SMALL - 1).astype(np.int64)]
+    big = np.flatnonzero(x >= _LOG1P_SMALL)
+    if len(big):
+        out[big] = pc.cast(pc.log1p(x[big]), pa.float32()).to_numpy()
+    return out
+
+
+def hash_ids(values: np.ndarray, missing: np.ndarray, size: int) -> np.ndarray:
+    """``int(hex, 16) % size``, ``size`` for a missing value."""
+    ids = (values & np.uint64(size - 1)) if size & (size - 1) == 0 else values % np.uint64(size)
+    ids = ids.view(np.int64)                  # a new array: & and % do not work in place here
+    if missing.any():
+        ids[missing] = size
+    return ids
+
+
 def block_table(p: Parsed, opts: CriteoOptions, vocab: list[VocabKeys] | None, schema: pa.Schema) -> pa.Table:
     arrays = [pa.array(p.label)]
-    for x in p.dense:
-        # log1p(max(x, 0)) in float64 through Arrow (the C library's log1p, as math.log1p), then float32
-        arrays.append(pc.cast(pc.log1p(np.maximum(x, 0.0)), pa.float32()))
-    h = opts.hash_size
+    arrays += [pa.array(dense_log1p(x)) for x in p.dense]
     for j, (vals, missing) in enumerate(p.cats):
-        ids = np.where(missing, h, vals % np.uint64(h)).astype(np.int64) if vocab is None else \
-            vocab[j].ids(vals, missing)
-        arrays.append(pa.array(ids))
+        arrays.append(pa.array(hash_ids(vals, missing, opts.hash_size) if vocab is None else vocab[j].ids(vals, missing)))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
