@@ -186,7 +186,7 @@ def test_ml1m_generated_engines_agree(tmp_path, preset):
     raw = tmp_path / "raw"
     generate_movielens(raw, rows=6000, seed=2, users=300, movies=400)
     both_engines(convert_movielens, raw, tmp_path, MovieLensOptions, preset=preset, min_count=2,
-                 task_bytes=30_000, workers=2)
+                 task_bytes=30_000, workers=2 if preset == "full" else 1)
 
 
 def test_ml_latest_small_real_engines_agree(tmp_path):
