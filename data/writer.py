@@ -77,7 +77,10 @@ class SplitWriter:
         if n == 0:
             return
         self.rows += n
-        self.positives += int(np.count_nonzero(table.column(0).to_numpy() == 1.0))
+        label = pa.concat_arrays(table.column(0).chunks) if table.column(0).num_chunks != 1 else table.column(0).chunk(0)
+        # a view of the float32 buffer: to_numpy would import pandas (a second of start-up per worker)
+        labels = np.frombuffer(label.buffers()[1], np.float32, count=len(label), offset=label.offset * 4)
+        self.positives += int(np.count_nonzero(labels == 1.0))
         self.pending.append(table)
         self.pending_rows += n
         if self.pending_rows >= self.rgs:
@@ -142,7 +145,8 @@ class DatasetWriter:
             if n == len(codes):
                 self.splits[s].append_table(table)
             elif n:
-                self.splits[s].append_table(table.take(pa.array(np.flatnonzero(codes == i))))
+                rows = np.flatnonzero(codes == i)      # pa.Array.from_buffers: pa.array(numpy) imports pandas
+                self.splits[s].append_table(table.take(pa.Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)])))
 
     def close(self, empty_files: bool = True) -> dict[str, SplitInfo]:
         return {s: w.close(empty_files) for s, w in self.splits.items()}
@@ -212,8 +216,10 @@ def write_vocab(out_dir: str | Path, feature: str, values: list[str], counts: li
     """``vocab/<feature>.parquet``: row i = id i, its raw value (as text) and its count in the vocab data."""
     d = Path(out_dir) / VOCAB_DIR
     d.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"id": pa.array(range(len(values)), pa.int64()), "value": pa.array(values, pa.string()),
-                      "count": pa.array(counts, pa.int64())})
+    ids, cnt = np.arange(len(values), dtype=np.int64), np.asarray(counts, np.int64)
+    table = pa.table({"id": pa.Array.from_buffers(pa.int64(), len(ids), [None, pa.py_buffer(ids)]),
+                      "value": pa.array(values, pa.string()),
+                      "count": pa.Array.from_buffers(pa.int64(), len(cnt), [None, pa.py_buffer(cnt)])})
     pq.write_table(table, d / f"{feature}.parquet", **_writer_kwargs(compression))
     return f"{VOCAB_DIR}/{feature}.parquet"
 

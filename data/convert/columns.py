@@ -26,6 +26,26 @@ _DECCHAR[ord("-")] = 0
 _DECCHAR[ord(".")] = 2
 
 
+_ARROW_TYPES = {np.dtype(np.float32): pa.float32(), np.dtype(np.float64): pa.float64(), np.dtype(np.int64): pa.int64(),
+                np.dtype(np.int32): pa.int32(), np.dtype(np.uint64): pa.uint64()}
+
+
+def arrow(a: np.ndarray) -> pa.Array:
+    """A numeric numpy array as an Arrow array without a copy. (``pa.array`` on numpy imports pandas,
+    about a second of start-up in every worker process.)"""
+    a = np.ascontiguousarray(a)
+    return pa.Array.from_buffers(_ARROW_TYPES[a.dtype], len(a), [None, pa.py_buffer(a)])
+
+
+def numpy_of(arr) -> np.ndarray:
+    """A null-free numeric Arrow array as a numpy view of its buffer (``to_numpy`` imports pandas)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.chunk(0) if arr.num_chunks == 1 else pa.concat_arrays(arr.chunks)
+    dtype = np.dtype(arr.type.to_pandas_dtype()) if not pa.types.is_floating(arr.type) else \
+        np.dtype(np.float32 if arr.type == pa.float32() else np.float64)
+    return np.frombuffer(arr.buffers()[1], dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
+
+
 def string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(offsets int32 [n+1] starting at 0, lengths [n], bytes)`` of a string array, views on its
     buffers where possible; a null value has length 0."""
@@ -72,7 +92,7 @@ def int_column(arr: pa.Array, allow_empty: bool = True) -> np.ndarray | None:
         if (off[value] != minus).any() or (ln[value] < 2).any():
             return None
     try:
-        ints = pc.cast(arr, pa.int64())
+        ints = arr.cast(pa.int64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     vals = np.frombuffer(ints.buffers()[1], np.int64, count=len(ints), offset=ints.offset * 8)
@@ -99,7 +119,7 @@ def decimal_column(arr: pa.Array) -> np.ndarray | None:
         if (dots == off[value]).any() or (dots == off[value + 1] - 1).any() or np.bincount(value).max() > 1:
             return None
     try:
-        return pc.cast(arr, pa.float64()).to_numpy()
+        return numpy_of(arr.cast(pa.float64()))
     except pa.ArrowInvalid:
         return None
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from data.convert.blocks import Task, iter_blocks, split_lines
-from data.convert.columns import hex_column, int_column, label01
+from data.convert.columns import arrow, hex_column, int_column, label01, numpy_of
 from data.convert.common import CriteoOptions, row_uniform_np, split_codes, split_key
 from data.convert.criteo_format import COLUMNS, SPARSE, parse_line
 from data.readers import RowError, RowSink
@@ -270,12 +270,12 @@ def dense_log1p(x: np.ndarray) -> np.ndarray:
     same function."""
     global _LOG1P_TABLE
     if _LOG1P_TABLE is None:
-        _LOG1P_TABLE = pc.cast(pc.log1p(np.arange(_LOG1P_SMALL, dtype=np.float64)), pa.float32()).to_numpy()
+        _LOG1P_TABLE = numpy_of(pc.log1p(arrow(np.arange(_LOG1P_SMALL, dtype=np.float64))).cast(pa.float32()))
     x = np.maximum(x, 0.0)
     out = _LOG1P_TABLE[np.minimum(x, _LOG1P_SMALL - 1).astype(np.int64)]
     big = np.flatnonzero(x >= _LOG1P_SMALL)
     if len(big):
-        out[big] = pc.cast(pc.log1p(x[big]), pa.float32()).to_numpy()
+        out[big] = numpy_of(pc.log1p(arrow(x[big])).cast(pa.float32()))
     return out
 
 
@@ -289,10 +289,10 @@ def hash_ids(values: np.ndarray, missing: np.ndarray, size: int) -> np.ndarray:
 
 
 def block_table(p: Parsed, opts: CriteoOptions, vocab: list[VocabKeys] | None, schema: pa.Schema) -> pa.Table:
-    arrays = [pa.array(p.label)]
-    arrays += [pa.array(dense_log1p(x)) for x in p.dense]
+    arrays = [arrow(p.label)]
+    arrays += [arrow(dense_log1p(x)) for x in p.dense]
     for j, (vals, missing) in enumerate(p.cats):
-        arrays.append(pa.array(hash_ids(vals, missing, opts.hash_size) if vocab is None else vocab[j].ids(vals, missing)))
+        arrays.append(arrow(hash_ids(vals, missing, opts.hash_size) if vocab is None else vocab[j].ids(vals, missing)))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from data.convert.blocks import Task, iter_blocks, split_lines
-from data.convert.columns import decimal_column, int_column
+from data.convert.columns import arrow, decimal_column, int_column, numpy_of, string_parts
 from data.convert.common import MovieLensOptions, row_uniform_np, split_codes
 from data.convert.criteo_vec import BlockStats, ValueCounts, read_block
 from data.convert.movielens_format import MULTI_HOT, NAMES, TS_MAX, USER_FEATURES, parse_rating
@@ -125,7 +125,7 @@ def _parse_table(t: pa.Table, layout: str, first: int, lookup: Lookup, opts: Mov
     if layout == "csv" and t.num_columns > 4:
         extra = np.zeros(t.num_rows, bool)
         for c in t.column_names[4:]:
-            extra |= t.column(c).is_valid().to_numpy(zero_copy_only=False)
+            extra |= string_parts(t.column(c))[1] > 0          # an empty field is null: length 0
         info.extra_rows += int(extra.sum())
         info.extra_lines += lines[extra][:20 - len(info.extra_lines)].tolist()
     return _kept(lines, r, ts, u, user, movie, opts, info)
@@ -210,7 +210,7 @@ def count_task(task: Task, opts: MovieLensOptions, layout: str, width: int, look
 def ts_buckets(ts: np.ndarray, min_ts: int) -> np.ndarray:
     """``movielens_format.ts_bucket`` for an array: ln through Arrow (the C library's log, as math.log)."""
     dt = ts - min_ts
-    lg = pc.ln(pa.array(np.maximum(dt, 1).astype(np.float64))).to_numpy()
+    lg = numpy_of(pc.ln(arrow(np.maximum(dt, 1).astype(np.float64))))
     return np.where(dt >= 1, (lg * lg).astype(np.int64), 0)
 
 
@@ -219,17 +219,17 @@ def feature_columns(rows: Rows, features: list[str], lookup: Lookup, min_ts: int
     cols = []
     for f in features:
         if f == "ts_bucket":
-            cols.append(pa.array(ts_buckets(rows.ts, min_ts)))
+            cols.append(arrow(ts_buckets(rows.ts, min_ts)))
         elif f in MULTI_HOT:
             cnt = np.diff(lookup.genre_offsets)[rows.movie]
             off = np.zeros(len(cnt) + 1, np.int64)
             np.cumsum(cnt, out=off[1:])
             idx = np.repeat(lookup.genre_offsets[:-1][rows.movie] - off[:-1], cnt) + np.arange(off[-1])
-            cols.append(pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(lookup.genre_ids[idx])))
+            cols.append(pa.ListArray.from_arrays(arrow(off.astype(np.int32)), arrow(lookup.genre_ids[idx])))
         elif f in lookup.user_feats:
-            cols.append(pa.array(lookup.user_feats[f][rows.user]))
+            cols.append(arrow(lookup.user_feats[f][rows.user]))
         else:
-            cols.append(pa.array(lookup.movie_feats[f][rows.movie]))
+            cols.append(arrow(lookup.movie_feats[f][rows.movie]))
     return cols
 
 
@@ -259,9 +259,9 @@ def write_task(task: Task, opts: MovieLensOptions, layout: str, width: int, look
                 continue
             cols = feature_columns(rows, features, lookup, min_ts)
             if "ts_bucket" in features:
-                buckets += np.bincount(cols[features.index("ts_bucket")].to_numpy(), minlength=n_buckets)
+                buckets += np.bincount(numpy_of(cols[features.index("ts_bucket")]), minlength=n_buckets)
             codes = split_codes(row_uniform_np(opts.seed, rows.lines), opts.fractions)
-            writer.append_table(codes, pa.Table.from_arrays([pa.array(rows.label), *cols], schema=schema))
+            writer.append_table(codes, pa.Table.from_arrays([arrow(rows.label), *cols], schema=schema))
             accepted += len(rows.lines)
     finally:
         sink.close()
