@@ -28,11 +28,11 @@ from data.convert.criteo_format import COLUMNS, SPARSE, parse_line
 from data.readers import RowError, RowSink
 from data.writer import DatasetWriter
 
-_CONVERT = pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}, null_values=[""],
+CSV_CONVERT = pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}, null_values=[""],
                                strings_can_be_null=True, check_utf8=False)
 
 
-def _parse_options() -> pcsv.ParseOptions:
+def csv_parse_options() -> pcsv.ParseOptions:
     # no quoting or escaping: a '"' is an ordinary byte in Criteo; empty lines are rows (then rejected)
     return pcsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False, double_quote=False,
                              newlines_in_values=False, ignore_empty_lines=False,
@@ -130,12 +130,12 @@ class BlockStats:
 def iter_parsed(task: Task, opts: CriteoOptions, last_file: int, sink: RowSink, stats: BlockStats,
                 train_only: bool = False):
     """Yield ``(Parsed, split codes)`` per block of the task."""
-    parse, path = _parse_options(), Path(task.path)
+    parse, path = csv_parse_options(), Path(task.path)
     for first, block, n in iter_blocks(task, opts.block_bytes):
         stats.lines += n
         stats.blocks += 1
         line0 = first - 1
-        t = read_block(block, n, COLUMNS, parse, _CONVERT)
+        t = read_block(block, n, COLUMNS, parse, CSV_CONVERT)
         p = parse_table(t, line0) if t is not None else None
         if p is None:
             stats.row_path_blocks += 1

@@ -107,6 +107,7 @@ def test_criteo_engines_agree_with_planted_bad_rows(tmp_path, mode):
                                   task_bytes=60_000, block_bytes=9_000)
     m = load_manifest(vec)
     assert m.rejects["count"] == 13 and m.rejects["by_file"]["train.txt"]["count"] == 13
+    assert sum(s.rows for s in m.splits.values()) + m.rejects["count"] == engine["lines"] == 1514   # counts add up
     assert engine["tasks"] > 3 and engine["blocks"] > engine["row_path_blocks"] > 0
     # only blocks with a bad row went through the row parser
     assert engine["row_path_blocks"] <= 13 and engine["row_path_lines"] < engine["lines"] / 2
@@ -177,6 +178,8 @@ def test_ml1m_real_side_files_planted_bad_rows(tmp_path):
                                   row_group_size=128, task_bytes=20_000, block_bytes=5_000, workers=1)
     m = load_manifest(vec)
     assert m.rejects["by_file"]["ratings.dat"]["count"] == 10 and set(m.rejects["by_file"]) == {"ratings.dat"}
+    kept = sum(s.rows for s in m.splits.values())
+    assert kept + m.source["dropped_neutral"] + 10 == engine["lines"] == len(lines)      # counts add up
     assert engine["tasks"] > 3 and 0 < engine["row_path_blocks"] < engine["blocks"]
 
 

@@ -56,12 +56,12 @@ _CHILD_PARSE = r"""
 import json, sys, time
 import pyarrow.csv as pcsv
 from data.convert.criteo_format import COLUMNS
-from data.convert.criteo_vec import _CONVERT, _parse_options
+from data.convert.criteo_vec import CSV_CONVERT, csv_parse_options
 src, kind = sys.argv[1:3]
 ro = pcsv.ReadOptions(column_names=COLUMNS, use_threads=False, block_size=4 << 20)
 t, c = time.perf_counter(), time.process_time()
 if kind == "converter":
-    reader = pcsv.open_csv(src, read_options=ro, parse_options=_parse_options(), convert_options=_CONVERT)
+    reader = pcsv.open_csv(src, read_options=ro, parse_options=csv_parse_options(), convert_options=CSV_CONVERT)
 else:
     reader = pcsv.open_csv(src, read_options=ro, parse_options=pcsv.ParseOptions(delimiter="\t"))
 rows = sum(b.num_rows for b in reader)
