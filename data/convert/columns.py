@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 _U = np.uint64
 _HEXVAL = np.full(256, 255, np.uint8)            # ASCII hex digit -> value, anything else -> 255
