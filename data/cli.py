@@ -21,7 +21,8 @@ def _fail(e: Exception) -> int:
 def _common_opts(args) -> dict:
     return dict(seed=args.seed, row_group_size=args.row_group_size, compression=args.compression,
                 skip_bad_rows=args.skip_bad_rows, stats=not args.no_stats,
-                progress=False if args.no_progress else None, overwrite=args.overwrite)
+                progress=False if args.no_progress else None, overwrite=args.overwrite, workers=args.workers,
+                engine=args.engine)
 
 
 def _convert(args) -> int:
@@ -36,7 +37,7 @@ def _convert(args) -> int:
             m = convert_movielens(args.src[0], args.out, opts)
         else:
             opts = CriteoOptions(mode=args.mode, min_count=args.min_count or 10, hash_size=args.hash_size,
-                                 split=args.split, **_common_opts(args))
+                                 split=args.split, max_ind_range=args.max_ind_range, **_common_opts(args))
             m = convert_criteo(args.src, args.out, opts)
     except (DataError, OptionsError) as e:
         return _fail(e)
@@ -95,14 +96,21 @@ def _add_convert(sub) -> None:
     c.add_argument("--preset", default="full", choices=["full", "paper7"], help="MovieLens feature set")
     c.add_argument("--keep-neutral", action="store_true", help="MovieLens: keep rating 3 rows (label 0)")
     c.add_argument("--mode", default="vocab", choices=["vocab", "hash"], help="Criteo categorical ids")
-    c.add_argument("--min-count", type=int, default=None, help="vocab threshold (Criteo 10, MovieLens 1)")
+    c.add_argument("--min-count", "--frequency-threshold", dest="min_count", type=int, default=None,
+                   help="vocab threshold: rarer values share the OOV id (Criteo 10, MovieLens 1)")
     c.add_argument("--hash-size", type=int, default=1 << 20, help="Criteo hash mode: buckets per feature")
+    c.add_argument("--max-ind-range", type=int, default=0,
+                   help="Criteo vocab mode: ids modulo this cap (DLRM's --max-ind-range); 0 = no cap")
     c.add_argument("--split", default="random", choices=["random", "day"], help="Criteo: day = last file is valid/test")
     c.add_argument("--row-group-size", type=int, default=65536)
     c.add_argument("--seed", type=int, default=42, help="split seed")
     c.add_argument("--compression", default="zstd", choices=["zstd", "snappy"])
     c.add_argument("--skip-bad-rows", action="store_true", help="log bad rows to rejects.tsv instead of failing")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset in --out (the new one is swapped in only once it is complete)")
+    c.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per CPU core)")
+    c.add_argument("--engine", default="vector", choices=["vector", "rows"],
+                   help="vector: pyarrow.csv + numpy (default); rows: the reference row-by-row parser")
     c.add_argument("--no-stats", action="store_true", help="skip the stats/ pass")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_convert)

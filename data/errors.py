@@ -11,3 +11,7 @@ class DataError(ValueError):
         if field is not None:
             where += f" field {field}"
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):
+        # picklable with its fields, so that a conversion worker process can hand it to the parent
+        return type(self), (self.path, self.message, self.line, self.field)

@@ -228,6 +228,51 @@ def _to_chunk(table: pa.Table | None, label: str, dense: list[str], sparse: list
     return _Chunk(labels, dense_np, lengths, offsets, values, n)
 
 
+def _column(col: pa.ChunkedArray) -> np.ndarray:
+    """A primitive column as numpy: zero-copy for one chunk, one copy for several."""
+    parts = [c.to_numpy(zero_copy_only=False) for c in col.chunks]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass
+class _BatchMajor:
+    """One shuffle chunk of whole batches laid out batch-major, so that batch ``b`` is a set of
+    contiguous views (zero-copy into torch): labels ``[nb, B]``, dense ``[nb, B, n_dense]``, ids
+    ``[nb, F, B]`` (a batch's KJT values, key-major). Single-valued features only, no padding."""
+    labels: np.ndarray
+    dense: np.ndarray
+    ids: np.ndarray
+
+
+def _to_batch_major(table: pa.Table, label: str, dense: list[str], sparse: list[str], perm: np.ndarray | None,
+                    batch_size: int) -> _BatchMajor:
+    """Each column is gathered once, in ``perm`` order, straight into its batch-major place."""
+    n = table.num_rows
+    nb = n // batch_size
+    order = (perm if perm is not None else np.arange(n)).reshape(nb, batch_size)
+    labels = np.empty((nb, batch_size), np.float32)
+    np.take(_column(table.column(label)), order, out=labels)
+    dense_np = np.empty((nb, batch_size, len(dense)), np.float32)
+    for j, name in enumerate(dense):
+        dense_np[:, :, j] = np.take(_column(table.column(name)), order)
+    ids = np.empty((nb, len(sparse), batch_size), np.int64)
+    for f, name in enumerate(sparse):
+        col = _column(table.column(name))
+        if col.dtype == np.int64:
+            np.take(col, order, out=ids[:, f, :], mode="clip")   # mode clip: unbuffered write into the view
+        else:
+            ids[:, f, :] = np.take(col, order)
+    return _BatchMajor(labels, dense_np, ids)
+
+
+def _make_batch_major(c: _BatchMajor, b: int, keys: list[str]) -> LoaderBatch:
+    ids = c.ids[b]
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(ids.reshape(-1)),
+                            lengths=torch.ones(ids.size, dtype=torch.int32), stride=ids.shape[1])
+    return LoaderBatch(torch.from_numpy(c.dense[b]), kjt, torch.from_numpy(c.labels[b]),
+                       torch.ones(ids.shape[1], dtype=torch.float32))
+
+
 def _make_batch(c: _Chunk, r0: int, r1: int, keys: list[str]) -> LoaderBatch:
     lengths = [x[r0:r1] for x in c.lengths] or [np.zeros(0, np.int32)]
     values = [v[o[r0]:o[r1]] for v, o in zip(c.values, c.offsets)] or [np.zeros(0, np.int64)]
@@ -336,7 +381,12 @@ class ParquetLoader:
         self._sizes = np.array([g[2] for g in self._groups], np.int64)
         self.total_rows = int(self._sizes.sum())
         self._plan = plan_rank(self.total_rows, batch_size, rank, world_size, drop_last, shuffle_buffer)
+        if drop_last and self._plan.num_batches == 0:   # training on nothing would "succeed" after 0 steps
+            raise DataError(self.dataset_dir / split, f"split {split!r} has {self.total_rows} rows: not one full "
+                            f"batch of {batch_size} per rank for {world_size} rank(s), nothing to train on",
+                            field="rows")
         self._sparse = [(k, m.feature(k).multi_hot) for k in self.keys]
+        self._all_single = not any(multi for _, multi in self._sparse)
         self._columns = [m.label, *m.dense_features, *self.keys]
         self._epoch, self._yielded, self._active = 0, 0, None
 
@@ -433,11 +483,12 @@ class ParquetLoader:
                 c = self._read_chunk(reader, order, sizes, starts, epoch, chunk)
                 first = start - chunk * per_chunk if chunk == start // per_chunk else 0
                 for b in range(first, min(per_chunk, plan.num_batches - chunk * per_chunk)):
-                    yield _make_batch(c, b * bs, (b + 1) * bs, self.keys)
+                    yield _make_batch_major(c, b, self.keys) if isinstance(c, _BatchMajor) else \
+                        _make_batch(c, b * bs, (b + 1) * bs, self.keys)
         finally:
             reader.close()
 
-    def _read_chunk(self, reader, order, sizes, starts, epoch: int, chunk: int) -> _Chunk:
+    def _read_chunk(self, reader, order, sizes, starts, epoch: int, chunk: int) -> _Chunk | _BatchMajor:
         plan = self._plan
         lo = chunk * plan.chunk_rows
         hi_pad = min(lo + plan.chunk_rows, plan.num_batches * self.batch_size)
@@ -451,4 +502,6 @@ class ParquetLoader:
         if self.shuffle and table is not None:
             perm = np.random.default_rng([self.seed, epoch, self.rank, chunk]).permutation(table.num_rows)
         m = self.manifest
+        if table is not None and hi_pad == hi and self._all_single and table.num_rows % self.batch_size == 0:
+            return _to_batch_major(table, m.label, m.dense_features, self.keys, perm, self.batch_size)
         return _to_chunk(table, m.label, m.dense_features, self._sparse, perm, hi_pad - hi)

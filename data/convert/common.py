@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from data.manifest import Manifest, SparseFeature, SplitInfo
-from data.readers import sha256_file
+from data.errors import DataError
+from data.readers import rejects_summary, sha256_file
 from data.writer import MISSING_VALUE, OOV_VALUE, write_vocab
 
-CONVERTER_VERSION = "1.0.0"     # bump when the output of the same input and options changes
+# bump when the output of the same input and options changes. 2.0.0: the split key of a row is
+# (file ordinal << 40) + line index within its file (was: the index over all files), so that files
+# and byte ranges convert in parallel; single-file inputs (Kaggle, MovieLens) split exactly as in 1.x.
+CONVERTER_VERSION = "2.0.0"
+FILE_SHIFT = 40                 # split key = (file ordinal << FILE_SHIFT) + line index in the file
 log = logging.getLogger(__name__)
 _MASK = (1 << 64) - 1
 
@@ -34,18 +42,30 @@ class CommonOptions:
     skip_bad_rows: bool = False                     # True: bad rows -> rejects.tsv instead of DataError
     stats: bool = True                              # run data.stats.compute_stats when it is installed
     progress: bool | None = None                    # tqdm bars; None = only when stderr is a TTY
-    overwrite: bool = False                         # replace an existing dataset in out_dir
+    overwrite: bool = False                         # replace an existing dataset in out_dir (swapped in at the end)
+    workers: int = 0                                # worker processes; 0 = one per available CPU core
+    engine: str = "vector"                          # "vector" (pyarrow.csv + numpy) or "rows" (reference row parser)
+    task_bytes: int = 64 << 20                      # plain files are cut into byte ranges of this size (one task each)
+    block_bytes: int = 4 << 20                      # bytes parsed at once; a block with a bad row goes through the row parser
 
-    # Fields that do not change the output; left out of the manifest so that it is reproducible.
-    _RUNTIME = ("progress", "overwrite")
+    # Fields that do not change the rows written; left out of the manifest so that it is reproducible.
+    # (task_bytes does not change the rows either, but it sets where the part files and row groups end.)
+    _RUNTIME = ("progress", "overwrite", "workers", "engine", "block_bytes")
 
     def validate(self) -> None:
         if self.row_group_size <= 0:
             raise OptionsError(f"row_group_size must be positive, got {self.row_group_size}")
+        if self.workers < 0 or self.task_bytes < 1 or self.block_bytes < 1:
+            raise OptionsError("workers must be >= 0, task_bytes and block_bytes >= 1")
+        if self.engine not in ("vector", "rows"):
+            raise OptionsError(f"engine must be vector or rows, got {self.engine!r}")
         if self.compression not in ("zstd", "snappy"):
             raise OptionsError(f"compression must be zstd or snappy, got {self.compression!r}")
         if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1) > 1e-9:
             raise OptionsError(f"fractions must be 3 non-negative numbers summing to 1, got {self.fractions}")
+
+    def num_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -76,6 +96,7 @@ class CriteoOptions(CommonOptions):
     min_count: int = 10               # vocab mode: values seen fewer times in train -> per-feature OOV id
     hash_size: int = 1 << 20          # hash mode: buckets per feature (+1 for "missing")
     split: str = "random"             # "random" (per-row 80/10/10) or "day" (last file -> valid/test halves)
+    max_ind_range: int = 0            # vocab mode: ids taken modulo this cap (DLRM's --max-ind-range); 0 = no cap
 
     def validate(self) -> None:
         super().validate()
@@ -85,6 +106,8 @@ class CriteoOptions(CommonOptions):
             raise OptionsError(f"split must be random or day, got {self.split!r}")
         if self.min_count < 1 or self.hash_size < 1:
             raise OptionsError("min_count and hash_size must be >= 1")
+        if self.max_ind_range < 0 or (self.max_ind_range and self.mode != "vocab"):
+            raise OptionsError("max_ind_range must be >= 0 and only applies to vocab mode (hash mode: hash_size)")
 
 
 def options_from(cls, kwargs: dict):
@@ -112,6 +135,32 @@ def split_of(u: float, fractions) -> str:
     if u < fractions[0]:
         return "train"
     return "valid" if u < fractions[0] + fractions[1] else "test"
+
+
+def split_key(file_index: int, line_index: int) -> int:
+    """The integer the split of a row is drawn from: its line index in its file, offset per input file."""
+    return (file_index << FILE_SHIFT) + line_index
+
+
+def _splitmix64_np(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)            # uint64 arithmetic wraps like the & _MASK above
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_uniform_np(seed: int, keys: np.ndarray) -> np.ndarray:
+    """``row_uniform`` for an array of keys (bit-identical: the same integer maths, then one division)."""
+    x = np.asarray(keys).astype(np.uint64) ^ np.uint64(_splitmix64(seed & _MASK))
+    return (_splitmix64_np(x) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+SPLIT_CODES = ("train", "valid", "test")         # split code i <-> name (DatasetWriter.append_table)
+
+
+def split_codes(u: np.ndarray, fractions) -> np.ndarray:
+    """``split_of`` for an array: 0 train, 1 valid, 2 test."""
+    return np.where(u < fractions[0], 0, np.where(u < fractions[0] + fractions[1], 1, 2)).astype(np.int8)
 
 
 @dataclass
@@ -170,11 +219,27 @@ def file_checksums(paths: list[Path]) -> dict[str, str]:
     return out
 
 
+def check_rows_left(files: list[Path], accepted: dict, rejected: dict) -> None:
+    """With ``skip_bad_rows`` a file whose every row was rejected is a wrong file or format, not a
+    dataset: DataError naming it (before anything is swapped into the output directory)."""
+    for p in files:
+        bad = rejected.get(Path(p).name) or {}
+        if sum(bad.values()) and not accepted.get(Path(p).name):
+            top = ", ".join(f"{k} {v}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:3])
+            raise DataError(p, f"all {sum(bad.values())} rows were rejected ({top}); is this the right file "
+                               "and format? Nothing was written")
+    if not sum(accepted.values()):
+        raise DataError(files[0], "no usable rows in the input; nothing was written")
+
+
 def finish(out_dir: Path, source: dict, dense: list[str], sparse: list[SparseFeature],
-           splits: dict[str, SplitInfo], rejects: dict, opts: CommonOptions) -> Manifest:
-    """Save the manifest (last, so a partial dataset is refused) and run the statistics pass."""
+           splits: dict[str, SplitInfo], rejected: dict, opts: CommonOptions) -> Manifest:
+    """Save the manifest (last, so a partial dataset is refused) and run the statistics pass.
+
+    ``rejected``: ``{input file name: {reason: count}}`` (``RowSink.by_file``)."""
     m = Manifest(source=source, converter_version=CONVERTER_VERSION, label="label", dense_features=dense,
-                 sparse_features=sparse, splits=splits, row_group_size=opts.row_group_size, rejects=rejects)
+                 sparse_features=sparse, splits=splits, row_group_size=opts.row_group_size,
+                 rejects=rejects_summary(rejected))
     m.save(out_dir)
     if opts.stats:
         _run_stats(out_dir)

@@ -1,7 +1,7 @@
-"""Criteo -> Parquet: Kaggle ``train.txt`` or the 1TB ``day_N`` files, plain or ``.gz``.
+"""Criteo -> Parquet: Kaggle ``train.txt`` or the 1TB ``day_0 .. day_23`` files, plain or ``.gz``.
 
-Each line: label, I1..I13, C1..C26, tab-separated, empty fields allowed. Several input files are read
-in order (days). Transformations (recorded in ``manifest.source``):
+Each line: label, I1..I13, C1..C26, tab-separated, empty fields allowed (``criteo_format.py``).
+Several input files are read in order (days). Transformations (recorded in ``manifest.source``):
 
 * label must be ``0`` or ``1``.
 * I1..I13 -> float32 dense ``log1p(max(x, 0))``; empty -> 0. Negative values occur (I2 has -1, -2...);
@@ -9,89 +9,133 @@ in order (days). Transformations (recorded in ``manifest.source``):
   that the model needs at that scale.
 * C1..C26 -> int64 ids. A value is 1-16 hex digits (8 in the real data; case-insensitive). Mode
   ``vocab``: values seen at least ``min_count`` times in the *train* rows (first counting pass) get
-  ids 0..k-1 sorted by value, then id k = "missing" (empty field), id k+1 = OOV (rare or unseen).
+  ids 0..k-1 sorted by value, then id k = "missing" (empty field), id k+1 = OOV (rare or unseen);
+  with ``max_ind_range`` every id is taken modulo it (DLRM's ``--max-ind-range``).
   Mode ``hash``: id = int(hex, 16) % hash_size (deterministic, not Python's salted ``hash``),
   id hash_size = "missing"; no vocabulary is written.
-* Split ``random``: per row, from (seed, row index over all files), 80/10/10. Split ``day``: every file
-  but the last is train; the last file's rows go half to valid, half to test (per row, seeded).
+* Split ``random``: per row, from (seed, split key), 80/10/10; the split key is the row's line index
+  in its file plus ``file ordinal << 40`` (``common.split_key``). Split ``day``: every file but the
+  last is train; the last file's rows go half to valid, half to test (per row, seeded).
+
+Two engines write the same rows: ``vector`` (default; ``criteo_vec.py``, worker processes over files
+and byte ranges) and ``rows`` (the reference row parser, one process).
 """
 from __future__ import annotations
 
 import math
-import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
-from data.convert.common import (CriteoOptions, OptionsError, Vocab, file_checksums, finish, row_uniform,
-                                 split_of)
-from data.errors import DataError
-from data.manifest import SparseFeature
-from data.readers import RowError, RowSink, iter_lines
-from data.writer import DatasetWriter, arrow_schema, prepare_out_dir
+import numpy as np
 
-DENSE = [f"I{i}" for i in range(1, 14)]
-SPARSE = [f"C{i}" for i in range(1, 27)]
-COLUMNS = ["label", *DENSE, *SPARSE]
-_HEX = re.compile(r"[0-9a-fA-F]{1,16}")
-_DAY = re.compile(r"day_(\d+)(\.gz)?$")
+from data.convert.blocks import plan_tasks
+from data.convert.columns import hex_text
+from data.convert.common import (CriteoOptions, OptionsError, Vocab, check_rows_left, file_checksums, finish,
+                                 row_uniform, split_key, split_of)
+from data.convert.criteo_format import DENSE, SPARSE, parse_line, resolve_inputs
+from data.convert.criteo_vec import BlockStats, ValueCounts, count_task, save_keys, write_task
+from data.convert.parallel import Pool
+from data.manifest import SparseFeature, SplitInfo
+from data.readers import RowError, RowSink, iter_lines, merge_rejects
+from data.writer import OOV_VALUE, DatasetWriter, StagedOutput, add_empty_files, arrow_schema, write_vocab
+
+__all__ = ["convert", "resolve_inputs"]
 
 
-def resolve_inputs(src) -> list[Path]:
-    """A file, a list of files, or a directory holding ``train.txt[.gz]`` or ``day_N[.gz]`` files."""
-    items = [src] if isinstance(src, (str, Path)) else list(src)
-    if not items:
-        raise DataError("<inputs>", "no Criteo input files given")
-    out: list[Path] = []
-    for item in map(Path, items):
-        if item.is_dir():
-            days = sorted((p for p in item.iterdir() if _DAY.match(p.name)), key=lambda p: int(_DAY.match(p.name)[1]))
-            found = days or [p for p in (item / "train.txt", item / "train.txt.gz") if p.is_file()]
-            if not found:
-                raise DataError(item, "directory holds no train.txt[.gz] or day_N[.gz] files")
-            out += found
-        elif not item.is_file():
-            raise DataError(item, "file not found")
+def convert(files: list[Path], out_dir: Path, opts: CriteoOptions):
+    opts.validate()
+    if opts.split == "day" and len(files) < 2:
+        raise OptionsError("split 'day' needs at least 2 input files (the last one becomes valid/test)")
+    with StagedOutput(out_dir, opts.overwrite) as stage:
+        engine = _convert_rows if opts.engine == "rows" else _convert_vector
+        return engine(files, stage.tmp, opts)
+
+
+def _source(files: list[Path], opts: CriteoOptions, vocab_files: dict, engine: dict) -> dict:
+    return {"kind": "criteo", "files": file_checksums(files), "file_order": [p.name for p in files],
+            "options": opts.to_dict(), "mode": opts.mode, "split": opts.split, "vocab": vocab_files,
+            "split_key": "line index in the file + (file ordinal << 40)", "engine": engine,
+            "dense_transform": "log1p(max(x, 0)); empty -> 0",
+            "categorical": "vocab: sorted values with count >= min_count, then missing, then OOV"
+            + (f"; ids modulo max_ind_range={opts.max_ind_range}" if opts.max_ind_range else "")
+            if opts.mode == "vocab" else "hash: int(hex, 16) % hash_size; missing -> hash_size"}
+
+
+# ----------------------------------------------------------------------------- vector engine
+
+def _merge_counts(results: list) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    merged = []
+    for j in range(len(SPARSE)):
+        vc = ValueCounts()
+        for feats, _ in results:
+            values, counts, missing = feats[j]
+            vc.add(values, counts)
+            vc.missing += missing
+        merged.append((*vc.compact(), vc.missing))
+    return merged
+
+
+def _build_vocabs(out: Path, results: list, opts: CriteoOptions) -> tuple[list[SparseFeature], dict, Path]:
+    """Vocabulary files, manifest features and the ``.npy`` keys the write tasks memory-map."""
+    keys_dir = out / ".vocab-keys"
+    keys_dir.mkdir()
+    sparse, files = [], {}
+    for name, (values, counts, missing) in zip(SPARSE, _merge_counts(results)):
+        keep = counts >= opts.min_count
+        keys = np.ascontiguousarray(values[keep])
+        save_keys(keys_dir, name, keys)
+        n = len(keys) + 2                                   # + missing + OOV
+        cap = opts.max_ind_range
+        sparse.append(SparseFeature(name, min(n, cap) if cap else n, oov_id=(n - 1) % cap if cap else n - 1))
+        files[name] = write_vocab(out, name, [*hex_text(keys), "", OOV_VALUE],
+                                  [*counts[keep].tolist(), missing, int(counts[~keep].sum())], opts.compression)
+    return sparse, files, keys_dir
+
+
+def _convert_vector(files: list[Path], out: Path, opts: CriteoOptions):
+    last = len(files) - 1
+    vocab_files, keys_dir, stats = {}, None, BlockStats()
+    with Pool(opts.num_workers()) as pool:
+        tasks = plan_tasks(files, opts.task_bytes, pool)
+        if opts.mode == "vocab":
+            counted = pool.map(count_task, [(t, opts, last) for t in tasks])
+            sparse, vocab_files, keys_dir = _build_vocabs(out, counted, opts)
         else:
-            out.append(item)
-    names = [p.name for p in out]
-    if len(set(names)) != len(names):
-        raise DataError(out[0].parent, f"input file names must be distinct (checksums are keyed by name): {names}")
-    return out
+            sparse = [SparseFeature(n, opts.hash_size + 1) for n in SPARSE]
+        schema = arrow_schema(DENSE, sparse)
+        results = pool.map(write_task, [(t, opts, last, str(out), schema, str(keys_dir) if keys_dir else None)
+                                        for t in tasks])
+    if keys_dir is not None:
+        shutil.rmtree(keys_dir)
+    splits = {s: SplitInfo(0, 0, []) for s in ("train", "valid", "test")}
+    rejects: dict[str, Counter] = {}
+    accepted: Counter = Counter()
+    for r in results:
+        for s, info in r.splits.items():
+            splits[s].rows += info.rows
+            splits[s].positives += info.positives
+            splits[s].files += info.files
+        for f, c in r.rejects.items():
+            rejects.setdefault(f, Counter()).update(c)
+        accepted.update(r.accepted)
+        stats.add(r.stats)
+    merge_rejects(out, [out / r.reject_part for r in results if r.reject_part])
+    check_rows_left(files, accepted, rejects)
+    add_empty_files(out, schema, splits, opts.compression)
+    engine = {"name": "vector", "tasks": len(tasks), "blocks": stats.blocks, "lines": stats.lines,
+              "row_path_blocks": stats.row_path_blocks, "row_path_lines": stats.row_path_lines}
+    return finish(out, _source(files, opts, vocab_files, engine), list(DENSE), sparse, splits, rejects, opts)
 
 
-def parse_line(raw: bytes) -> tuple[float, list[int], list[int | None]]:
-    """``(label, 13 ints (missing -> 0), 26 categorical ints (missing -> None))``; RowError naming the field."""
-    parts = raw.decode("latin-1").split("\t")     # latin-1 never fails; a stray byte fails the field check
-    if len(parts) != 40:
-        field = COLUMNS[len(parts)] if len(parts) < 40 else "column 41"
-        raise RowError(field, "columns", f"expected 40 tab-separated fields, got {len(parts)}")
-    if parts[0] not in ("0", "1"):
-        raise RowError("label", "bad_label", f"label {parts[0]!r} is not 0 or 1")
-    ints = []
-    for name, s in zip(DENSE, parts[1:14]):
-        try:
-            ints.append(int(s) if s else 0)
-        except ValueError:
-            raise RowError(name, "not_integer", f"{s!r} is not an integer") from None
-    cats: list[int | None] = []
-    for name, s in zip(SPARSE, parts[14:]):
-        if not s:
-            cats.append(None)
-        elif _HEX.fullmatch(s):
-            cats.append(int(s, 16))
-        else:
-            raise RowError(name, "not_hex", f"{s!r} is not a hex string of 1-16 digits")
-    return float(parts[0]), ints, cats
+# ----------------------------------------------------------------------------- row engine (reference)
 
-
-def _rows(files: list[Path], opts: CriteoOptions, sink: RowSink, only_train: bool = False):
+def _rows(files: list[Path], opts: CriteoOptions, sink: RowSink, only_train: bool = False, accepted=None):
     """Yield ``(split, label, ints, cats)`` of each good row, in input order."""
-    index = 0
     for fi, path in enumerate(files):
         last_day = opts.split == "day" and fi == len(files) - 1
         for lineno, raw in iter_lines(path, opts.progress):
-            u = row_uniform(opts.seed, index)
-            index += 1
+            u = row_uniform(opts.seed, split_key(fi, lineno - 1))
             if opts.split == "random":
                 split = split_of(u, opts.fractions)
             else:
@@ -103,6 +147,8 @@ def _rows(files: list[Path], opts: CriteoOptions, sink: RowSink, only_train: boo
             except RowError as e:
                 sink.bad(path, lineno, e, raw)
                 continue
+            if accepted is not None:
+                accepted[path.name] += 1
             yield split, label, ints, cats
 
 
@@ -132,31 +178,30 @@ def _mappers(files: list[Path], opts: CriteoOptions):
     vocabs = [Vocab.build(n, c, opts.min_count, missing=True, oov=True) for n, c in zip(SPARSE, counts)]
     for voc in vocabs:   # hex keys back to text for vocab files: 8 lowercase digits as in the raw data
         voc.values = [v if v is None or isinstance(v, str) else f"{v:08x}" for v in voc.values]
-    return vocabs, [v.feature() for v in vocabs]
+    cap = opts.max_ind_range
+    feats = [v.feature() for v in vocabs]
+    if cap:
+        feats = [SparseFeature(f.name, min(f.num_embeddings, cap), oov_id=f.oov_id % cap) for f in feats]
+    return vocabs, feats
 
 
-def convert(files: list[Path], out_dir: Path, opts: CriteoOptions):
-    opts.validate()
-    if opts.split == "day" and len(files) < 2:
-        raise OptionsError("split 'day' needs at least 2 input files (the last one becomes valid/test)")
-    out = prepare_out_dir(out_dir, opts.overwrite)
+def _convert_rows(files: list[Path], out: Path, opts: CriteoOptions):
     mappers, sparse = _mappers(files, opts)
     writer = DatasetWriter(out, arrow_schema(DENSE, sparse), opts.row_group_size, opts.compression)
     sink = RowSink(out, opts.skip_bad_rows)
-    log1p = math.log1p
-    for split, label, ints, cats in _rows(files, opts, sink):
+    accepted: Counter = Counter()
+    log1p, cap = math.log1p, opts.max_ind_range
+    for split, label, ints, cats in _rows(files, opts, sink, accepted=accepted):
         row = [label]
         row += [log1p(x) if x > 0 else 0.0 for x in ints]
-        row += [m.id(v) for m, v in zip(mappers, cats)]
+        ids = [m.id(v) for m, v in zip(mappers, cats)]
+        row += [i % cap for i in ids] if cap else ids
         writer.append(split, row)
     splits = writer.close()
     sink.close()
+    check_rows_left(files, accepted, sink.by_file)
     vocab_files = {}
     if opts.mode == "vocab":
         vocab_files = {m.name: m.save(out, opts.compression) for m in mappers}
-    source = {"kind": "criteo", "files": file_checksums(files), "file_order": [p.name for p in files],
-              "options": opts.to_dict(), "mode": opts.mode, "split": opts.split, "vocab": vocab_files,
-              "dense_transform": "log1p(max(x, 0)); empty -> 0",
-              "categorical": "vocab: sorted values with count >= min_count, then missing, then OOV"
-              if opts.mode == "vocab" else "hash: int(hex, 16) % hash_size; missing -> hash_size"}
-    return finish(out, source, list(DENSE), sparse, splits, sink.summary(), opts)
+    return finish(out, _source(files, opts, vocab_files, {"name": "rows"}), list(DENSE), sparse, splits,
+                  sink.by_file, opts)

@@ -7,6 +7,9 @@
   (movieId,title,genres; quoted titles), UTF-8, header rows.
   No user demographics, so those features are absent.
 
+What a valid line is: ``movielens_format.py`` (whole-star ratings in ``.dat``, half stars in ``.csv``,
+timestamps in [1970, 2100), no NUL bytes, no user or movie defined twice with other attributes).
+
 Label: ``rating > positive_threshold`` (3); rows with ``rating == threshold`` are dropped by default and
 counted in ``manifest.source["dropped_neutral"]``.
 
@@ -20,141 +23,38 @@ ts_bucket, gender, age, occupation, zip, year, genre_combo (the whole genre stri
 
 Vocabularies are built over all kept rows of every split (the split is random per row, so a value
 seen only in valid/test would otherwise have no trained row anyway); ids are the sorted raw values.
-With ``min_count > 1`` rarer values share an OOV id (the last id).
+With ``min_count > 1`` rarer values share an OOV id (the last id). The split key is the ratings line
+number (1-based, header included).
+
+Engines: ``vector`` (default; ``movielens_vec.py``, worker processes over byte ranges of the ratings
+file) and ``rows`` (the reference row parser). The counting pass of ``vector`` counts ratings per user
+and per movie; every vocabulary follows from those counts and the side tables.
 """
 from __future__ import annotations
 
-import csv
-import math
-import re
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
-from data.convert.common import (MovieLensOptions, OptionsError, Vocab, file_checksums, finish,
+import numpy as np
+
+from data.convert.blocks import plan_tasks
+from data.convert.common import (MovieLensOptions, OptionsError, Vocab, check_rows_left, file_checksums, finish,
                                  row_uniform, split_of)
+from data.convert.criteo_vec import BlockStats, ValueCounts
+from data.convert.movielens_format import (CSV_FILES, ML1M_FILES, MULTI_HOT, NAMES, PRESETS, RATINGS_HEADER,
+                                           USER_FEATURES, check_header, detect_layout, parse_movie_csv,
+                                           parse_movie_dat, parse_rating, parse_user, read_table, ts_bucket)
+from data.convert.movielens_vec import USER_SIDE, Lookup, count_task, write_task
+from data.convert.parallel import Pool
 from data.errors import DataError
-from data.manifest import SparseFeature
-from data.readers import RowError, RowSink, decode, iter_lines
-from data.writer import DatasetWriter, arrow_schema, prepare_out_dir, write_vocab
-
-YEAR_RE = re.compile(r"\((\d{4})\)\s*$")
-ML1M_FILES = ("ratings.dat", "users.dat", "movies.dat")
-CSV_FILES = ("ratings.csv", "movies.csv")
-PRESETS = {
-    ("ml-1m", "full"): ["user_id", "movie_id", "gender", "age", "occupation", "zip", "year", "genres", "ts_bucket"],
-    ("csv", "full"): ["user_id", "movie_id", "year", "genres", "ts_bucket"],
-    ("ml-1m", "paper7"): ["ts_bucket", "gender", "age", "occupation", "zip", "year", "genre_combo"],
-}
-MULTI_HOT = {"genres"}
-
-
-def detect_layout(src_dir: Path) -> str:
-    if not src_dir.is_dir():
-        raise DataError(src_dir, "MovieLens source must be a directory with ratings.dat or ratings.csv")
-    has_dat, has_csv = (src_dir / "ratings.dat").exists(), (src_dir / "ratings.csv").exists()
-    if has_dat == has_csv:
-        what = "both ratings.dat and ratings.csv" if has_dat else "neither ratings.dat nor ratings.csv"
-        raise DataError(src_dir, f"cannot detect the MovieLens layout: {what}")
-    return "ml-1m" if has_dat else "csv"
-
-
-def ts_bucket(dt: int) -> int:
-    return int(math.log(dt) ** 2) if dt >= 1 else 0
-
-
-def _int(text: str, name: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise RowError(name, "not_integer", f"{text!r} is not an integer") from None
-
-
-def _fields(text: str, sep: str, names: tuple[str, ...], width: int | None = None) -> list[str]:
-    """Split into ``len(names)`` fields; up to ``width`` fields are allowed (unnamed extra CSV columns)."""
-    parts = text.split(sep)
-    width = width or len(names)
-    if len(parts) < len(names) or len(parts) > width:
-        field = names[len(parts)] if len(parts) < len(names) else f"column {width + 1}"
-        want = f"{len(names)}" if width == len(names) else f"{len(names)} to {width}"
-        raise RowError(field, "columns", f"expected {want} {sep!r}-separated fields, got {len(parts)}")
-    return parts
-
-
-# ----- side tables (users, movies): small, held in memory -----
-
-def _read_table(path: Path, parse, sink: RowSink, header: str | None = None) -> dict:
-    table = {}
-    for lineno, raw in iter_lines(path):
-        try:
-            if lineno == 1 and header is not None:
-                _check_header(path, decode(raw, "utf-8"), header)
-                continue
-            key, value = parse(raw)
-            table[key] = value
-        except RowError as e:
-            sink.bad(path, lineno, e, raw)
-    return table
-
-
-def _check_header(path: Path, text: str, expected: str) -> int:
-    """Check the named columns; return the header's width (trailing unnamed columns included)."""
-    cols = text.lstrip("\ufeff").split(",")
-    want = expected.split(",")
-    if cols[:len(want)] != want or any(cols[len(want):]):
-        raise DataError(path, f"header is {text!r}, expected {expected!r}", line=1, field="header")
-    return len(cols)
-
-
-def _parse_user(raw: bytes):
-    uid, gender, age, occ, zipc = _fields(decode(raw, "latin-1"), "::",
-                                          ("UserID", "Gender", "Age", "Occupation", "Zip-code"))
-    if gender not in ("M", "F"):
-        raise RowError("Gender", "bad_value", f"gender {gender!r} is not M or F")
-    return _int(uid, "UserID"), (gender, _int(age, "Age"), _int(occ, "Occupation"), zipc)
-
-
-def _movie_value(title: str, genres: str):
-    m = YEAR_RE.search(title)
-    return (m.group(1) if m else "", tuple(g for g in genres.split("|") if g), genres)
-
-
-def _parse_movie_dat(raw: bytes):
-    mid, title, genres = _fields(decode(raw, "latin-1"), "::", ("MovieID", "Title", "Genres"))
-    return _int(mid, "MovieID"), _movie_value(title, genres)
-
-
-def _parse_movie_csv(raw: bytes):
-    rows = list(csv.reader([decode(raw, "utf-8")]))
-    names = ("movieId", "title", "genres")
-    if len(rows) != 1 or len(rows[0]) != 3:
-        n = len(rows[0]) if rows else 0
-        raise RowError(names[n] if n < 3 else "column 4", "columns", f"expected 3 CSV fields, got {n}")
-    mid, title, genres = rows[0]
-    return _int(mid, "movieId"), _movie_value(title, genres)
-
-
-# ----- ratings: streamed -----
-
-def _parse_rating(raw: bytes, layout: str, width: int) -> tuple[int, int, float, int, bool]:
-    """``(user, movie, rating, timestamp, extra)``; ``extra``: a value sat in an unnamed trailing column."""
-    if layout == "ml-1m":
-        names = ("UserID", "MovieID", "Rating", "Timestamp")
-        parts = _fields(decode(raw, "latin-1"), "::", names)
-    else:
-        names = ("userId", "movieId", "rating", "timestamp")
-        parts = _fields(decode(raw, "utf-8"), ",", names, width)
-    uid, mid, r, ts = parts[:4]
-    try:
-        rating = float(r)
-    except ValueError:
-        raise RowError(names[2], "not_number", f"rating {r!r} is not a number") from None
-    if not 0 < rating <= 5:
-        raise RowError(names[2], "bad_rating", f"rating {rating} outside (0, 5]")
-    return _int(uid, names[0]), _int(mid, names[1]), rating, _int(ts, names[3]), any(parts[4:])
+from data.manifest import SparseFeature, SplitInfo
+from data.readers import RowError, RowSink, decode, iter_lines, merge_rejects
+from data.writer import DatasetWriter, StagedOutput, add_empty_files, arrow_schema, write_vocab
 
 
 class _Source:
-    """The raw inputs of one conversion and the per-row feature values (except ts_bucket)."""
+    """The raw inputs of one conversion: layout, features, side tables (read row by row, small)."""
 
     def __init__(self, src_dir: Path, opts: MovieLensOptions, sink: RowSink):
         self.layout = detect_layout(src_dir)
@@ -164,27 +64,32 @@ class _Source:
         self.opts = opts
         if self.layout == "ml-1m":
             self.files = [src_dir / f for f in ML1M_FILES]
-            self.users = _read_table(self.files[1], _parse_user, sink)
-            self.movies = _read_table(self.files[2], _parse_movie_dat, sink)
+            self.users = read_table(self.files[1], parse_user, sink, what="user")
+            self.movies = read_table(self.files[2], parse_movie_dat, sink, what="movie")
         else:
             self.files = [src_dir / f for f in CSV_FILES]
             self.users = None
-            self.movies = _read_table(self.files[1], _parse_movie_csv, sink, header="movieId,title,genres")
+            self.movies = read_table(self.files[1], parse_movie_csv, sink, header="movieId,title,genres", what="movie")
         self.ratings = self.files[0]
+        self.width = 4
+        if self.layout == "csv":
+            with closing(iter_lines(self.ratings)) as lines:
+                first = next(lines)[1]
+            self.width = check_header(self.ratings, decode(first, "utf-8"), RATINGS_HEADER)
         self.dropped_neutral = self.extra_rows = 0
         self.extra_lines: list[int] = []     # the first 20 only: memory stays constant
 
+    # -- row engine
+
     def rows(self, sink: RowSink):
         """Yield ``(lineno, label, timestamp, {feature: raw value})`` for each kept rating row."""
-        header = self.layout == "csv"
-        thr, width = self.opts.positive_threshold, 4
+        thr = self.opts.positive_threshold
         self.dropped_neutral, self.extra_rows, self.extra_lines = 0, 0, []
         for lineno, raw in iter_lines(self.ratings, self.opts.progress):
+            if self.layout == "csv" and lineno == 1:
+                continue
             try:
-                if header and lineno == 1:
-                    width = _check_header(self.ratings, decode(raw, "utf-8"), "userId,movieId,rating,timestamp")
-                    continue
-                uid, mid, rating, ts, extra = _parse_rating(raw, self.layout, width)
+                uid, mid, rating, ts, extra = parse_rating(raw, self.layout, self.width)
                 values = self._values(uid, mid)
             except RowError as e:
                 sink.bad(self.ratings, lineno, e, raw)
@@ -200,16 +105,176 @@ class _Source:
     def _values(self, uid: int, mid: int) -> dict:
         movie = self.movies.get(mid)
         if movie is None:
-            raise RowError("MovieID" if self.users is not None else "movieId", "unknown_movie",
-                           f"movie {mid} is not in the movies file")
+            raise RowError(NAMES[self.layout][1], "unknown_movie", f"movie {mid} is not in the movies file")
         v = {"user_id": uid, "movie_id": mid, "year": movie[0], "genres": movie[1], "genre_combo": movie[2]}
         if self.users is not None:
             user = self.users.get(uid)
             if user is None:
                 raise RowError("UserID", "unknown_user", f"user {uid} is not in users.dat")
-            v.update(gender=user[0], age=user[1], occupation=user[2], zip=user[3])
+            v.update(zip(USER_FEATURES, user))
         return v
 
+    def source(self, opts: MovieLensOptions, min_ts: int, vocab_files: dict, engine: dict) -> dict:
+        return {"kind": "movielens-1m" if self.layout == "ml-1m" else "movielens-csv", "layout": self.layout,
+                "files": file_checksums(self.files), "options": opts.to_dict(), "preset": opts.preset,
+                "dropped_neutral": self.dropped_neutral,
+                "ignored_extra_columns": {"rows": self.extra_rows, "first_lines": self.extra_lines},
+                "min_timestamp": min_ts, "ts_bucket": "int(ln(t - min_timestamp)^2), 0 when t - min < 1",
+                "vocab": vocab_files, "split": "random", "split_key": "ratings line number", "engine": engine}
+
+
+def convert(src_dir: Path, out_dir: Path, opts: MovieLensOptions):
+    opts.validate()
+    with StagedOutput(out_dir, opts.overwrite) as stage:
+        out = stage.tmp
+        sink = RowSink(out, opts.skip_bad_rows)
+        src = _Source(src_dir, opts, sink)
+        if opts.engine == "rows":
+            return _convert_rows(src, out, sink)
+        sink.close()
+        return _convert_vector(src, out, sink)
+
+
+def _vocab_files(out: Path, src: _Source, vocabs: dict, buckets: list[int]) -> dict:
+    files = {f: v.save(out, src.opts.compression) for f, v in vocabs.items()}
+    if "ts_bucket" in src.features:
+        files["ts_bucket"] = write_vocab(out, "ts_bucket", [str(b) for b in range(len(buckets))], buckets,
+                                         src.opts.compression)
+    return files
+
+
+def _features(features: list[str], vocabs: dict, n_buckets: int) -> list[SparseFeature]:
+    return [SparseFeature("ts_bucket", n_buckets) if f == "ts_bucket" else vocabs[f].feature(f in MULTI_HOT)
+            for f in features]
+
+
+def _no_rows(src: _Source, rejected: dict) -> None:
+    check_rows_left([src.ratings], {}, rejected)      # names the ratings file and its reject reasons
+    raise DataError(src.ratings, "no usable rating rows")
+
+
+# ----------------------------------------------------------------------------- vector engine
+
+def _attrs(src: _Source, uid: int) -> dict:
+    user = src.users[uid] if src.users is not None else ()
+    return dict(zip(USER_FEATURES, user), user_id=uid)
+
+
+def _entity_counters(src: _Source, users: np.ndarray, movies: np.ndarray, lk: Lookup) -> dict:
+    """Value counts of every vocabulary feature, from the kept ratings per user and per movie
+    (the same counts as a pass over the rows: each row adds one to its user's and movie's values)."""
+    counts = {f: Counter() for f in src.features if f != "ts_bucket"}
+    user_side = counts.keys() & set(USER_SIDE)
+    for uid, n in zip(lk.user_ids.tolist(), users.tolist()):
+        if n:
+            attrs = _attrs(src, uid)
+            for f in user_side:
+                counts[f][attrs[f]] += n
+    for mid, n in zip(lk.movie_ids.tolist(), movies.tolist()):
+        if n:
+            year, genres, combo = src.movies[mid]
+            attrs = {"movie_id": mid, "year": year, "genre_combo": combo}
+            for f in counts:
+                if f == "genres":
+                    for g in genres:
+                        counts[f][g] += n
+                elif f in attrs:
+                    counts[f][attrs[f]] += n
+    return counts
+
+
+def _ids(vocab: Vocab, value) -> int:
+    try:
+        return vocab.id(value)
+    except KeyError:      # an entity without kept ratings: its value may be in no vocabulary
+        return -1
+
+
+def _fill_lookup(src: _Source, lk: Lookup, vocabs: dict) -> None:
+    users = [_attrs(src, u) for u in lk.user_ids.tolist()]
+    for f in vocabs.keys() & set(USER_SIDE):
+        lk.user_feats[f] = np.array([_ids(vocabs[f], u[f]) for u in users], np.int64)
+    movies = [src.movies[m] for m in lk.movie_ids.tolist()]
+    side = {"movie_id": lk.movie_ids.tolist(), "year": [m[0] for m in movies], "genre_combo": [m[2] for m in movies]}
+    for f in vocabs.keys() & set(side):
+        lk.movie_feats[f] = np.array([_ids(vocabs[f], v) for v in side[f]], np.int64)
+    if "genres" in vocabs:
+        lens = [len(m[1]) for m in movies]
+        lk.genre_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        lk.genre_ids = np.array([_ids(vocabs["genres"], g) for m in movies for g in m[1]], np.int64)
+
+
+def _merge_counts(src: _Source, lk: Lookup, counted: list):
+    """Per-task counts -> (users, movies, min ts, max ts); fills ``lk.user_ids`` in the csv layout."""
+    movies = sum(c[1] for c in counted)
+    if lk.csv_users:
+        vc = ValueCounts()
+        for (ids, n), *_ in counted:
+            vc.add(ids, n)
+        lk.user_ids, users = vc.compact()
+    else:
+        users = sum(c[0] for c in counted)
+    return users, movies, min(c[2] for c in counted), max(c[3] for c in counted)
+
+
+def _convert_vector(src: _Source, out: Path, side_sink: RowSink):
+    opts = src.opts
+    csv_users = src.users is None
+    lk = Lookup(None if csv_users else np.array(sorted(src.users), np.int64),
+                np.array(sorted(src.movies), np.int64), csv_users=csv_users)
+    stats = BlockStats()
+    with Pool(opts.num_workers()) as pool:
+        tasks = plan_tasks([src.ratings], opts.task_bytes, pool)
+        counted = pool.map(count_task, [(t, opts, src.layout, src.width, lk) for t in tasks])
+        users, movies, lo, hi = _merge_counts(src, lk, counted)
+        if not movies.sum():
+            rejected = {f: Counter(c) for f, c in side_sink.by_file.items()}
+            for c in counted:
+                for f, r in c[4].items():
+                    rejected.setdefault(f, Counter()).update(r)
+            _no_rows(src, rejected)
+        vocabs = {f: Vocab.build(f, c, opts.min_count) for f, c in _entity_counters(src, users, movies, lk).items()}
+        _fill_lookup(src, lk, vocabs)
+        n_buckets = ts_bucket(hi - lo) + 1
+        sparse = _features(src.features, vocabs, n_buckets)
+        schema = arrow_schema([], sparse)
+        results = pool.map(write_task, [(t, opts, src.layout, src.width, lk, lo, n_buckets, src.features,
+                                         str(out), schema) for t in tasks])
+    splits = {s: SplitInfo(0, 0, []) for s in ("train", "valid", "test")}
+    rejected = {f: Counter(c) for f, c in side_sink.by_file.items()}
+    for r in results:
+        for s, info in r.splits.items():
+            splits[s].rows += info.rows
+            splits[s].positives += info.positives
+            splits[s].files += info.files
+        for f, c in r.rejects.items():
+            rejected.setdefault(f, Counter()).update(c)
+        src.dropped_neutral += r.info.dropped_neutral
+        src.extra_rows += r.info.extra_rows
+        src.extra_lines += r.info.extra_lines[:20 - len(src.extra_lines)]
+        stats.add(r.stats)
+    merge_rejects(out, _reject_parts(out, side_sink, results))
+    kept = sum(r.accepted for r in results) + src.dropped_neutral
+    check_rows_left([src.ratings], {src.ratings.name: kept}, rejected)
+    add_empty_files(out, schema, splits, opts.compression)
+    buckets = sum(r.buckets for r in results).tolist()
+    engine = {"name": "vector", "tasks": len(tasks), "blocks": stats.blocks, "lines": stats.lines,
+              "row_path_blocks": stats.row_path_blocks, "row_path_lines": stats.row_path_lines}
+    source = src.source(opts, lo, _vocab_files(out, src, vocabs, buckets), engine)
+    return finish(out, source, [], sparse, splits, rejected, opts)
+
+
+def _reject_parts(out: Path, side_sink: RowSink, results) -> list[Path]:
+    """Side-table rejects first (they were read first), then each task's, in input order."""
+    parts = []
+    if side_sink.path is not None and side_sink.path.is_file():
+        side = out / "rejects.part-side.tsv"
+        side_sink.path.rename(side)
+        parts.append(side)
+    return parts + [out / r.reject_part for r in results if r.reject_part]
+
+
+# ----------------------------------------------------------------------------- row engine (reference)
 
 def _count_pass(src: _Source, sink: RowSink):
     counts = {f: Counter() for f in src.features if f != "ts_bucket"}
@@ -223,14 +288,7 @@ def _count_pass(src: _Source, sink: RowSink):
                 c.update(values[f])
             else:
                 c[values[f]] += 1
-    if n == 0:
-        raise DataError(src.ratings, "no usable rating rows")
-    return counts, lo, hi
-
-
-def _sparse_features(features: list[str], vocabs: dict, n_buckets: int) -> list[SparseFeature]:
-    return [SparseFeature("ts_bucket", n_buckets) if f == "ts_bucket" else vocabs[f].feature(f in MULTI_HOT)
-            for f in features]
+    return counts, lo, hi, n
 
 
 def _write_pass(src: _Source, writer: DatasetWriter, sink: RowSink, vocabs: dict, min_ts: int) -> Counter:
@@ -252,27 +310,22 @@ def _write_pass(src: _Source, writer: DatasetWriter, sink: RowSink, vocabs: dict
     return buckets
 
 
-def convert(src_dir: Path, out_dir: Path, opts: MovieLensOptions):
-    opts.validate()
-    out = prepare_out_dir(out_dir, opts.overwrite)
-    sink = RowSink(out, opts.skip_bad_rows)
-    src = _Source(src_dir, opts, sink)
-    counts, min_ts, max_ts = _count_pass(src, RowSink(None, opts.skip_bad_rows, record=False))
+def _convert_rows(src: _Source, out: Path, sink: RowSink):
+    opts = src.opts
+    count_sink = RowSink(None, opts.skip_bad_rows, record=False)
+    counts, min_ts, max_ts, n = _count_pass(src, count_sink)
+    if n == 0:
+        sink.close()
+        _no_rows(src, {**sink.by_file, **count_sink.by_file})
     vocabs = {f: Vocab.build(f, c, opts.min_count) for f, c in counts.items()}
     n_buckets = ts_bucket(max_ts - min_ts) + 1
-    sparse = _sparse_features(src.features, vocabs, n_buckets)
+    sparse = _features(src.features, vocabs, n_buckets)
     writer = DatasetWriter(out, arrow_schema([], sparse), opts.row_group_size, opts.compression)
     buckets = _write_pass(src, writer, sink, vocabs, min_ts)
     splits = writer.close()
     sink.close()
-    vocab_files = {f: v.save(out, opts.compression) for f, v in vocabs.items()}
-    if "ts_bucket" in src.features:
-        vocab_files["ts_bucket"] = write_vocab(out, "ts_bucket", [str(b) for b in range(n_buckets)],
-                                               [buckets[b] for b in range(n_buckets)], opts.compression)
-    source = {"kind": "movielens-1m" if src.layout == "ml-1m" else "movielens-csv", "layout": src.layout,
-              "files": file_checksums(src.files), "options": opts.to_dict(), "preset": opts.preset,
-              "dropped_neutral": src.dropped_neutral,
-              "ignored_extra_columns": {"rows": src.extra_rows, "first_lines": src.extra_lines},
-              "min_timestamp": min_ts, "ts_bucket": "int(ln(t - min_timestamp)^2), 0 when t - min < 1",
-              "vocab": vocab_files, "split": "random"}
-    return finish(out, source, [], sparse, splits, sink.summary(), opts)
+    accepted = sum(s.rows for s in splits.values()) + src.dropped_neutral
+    check_rows_left([src.ratings], {src.ratings.name: accepted}, sink.by_file)
+    source = src.source(opts, min_ts, _vocab_files(out, src, vocabs, [buckets[b] for b in range(n_buckets)]),
+                        {"name": "rows"})
+    return finish(out, source, [], sparse, splits, sink.by_file, opts)

@@ -65,7 +65,9 @@ def test_skip_bad_rows_rejects_file_and_manifest(tmp_path):
     src.write_text("\n".join(lines) + "\n")
     m = convert(src, tmp_path, skip_bad_rows=True)
     assert sum(s.rows for s in m.splits.values()) == 7
-    assert m.rejects == {"count": 3, "file": "rejects.tsv", "by_reason": {"bad_label": 1, "columns": 1, "not_hex": 1}}
+    by_reason = {"bad_label": 1, "columns": 1, "not_hex": 1}
+    assert m.rejects == {"count": 3, "file": "rejects.tsv", "by_reason": by_reason,
+                         "by_file": {"train.txt": {"count": 3, "by_reason": by_reason}}}
     rej = read_rejects(tmp_path / "out" / "rejects.tsv")
     assert [(r["file"], r["line"], r["field"]) for r in rej] == [("train.txt", "3", "label"),
                                                                 ("train.txt", "7", "C7"), ("train.txt", "8", "I3")]
