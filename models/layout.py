@@ -67,6 +67,14 @@ def set_name(feature: str, k: int) -> str:
     return feature if k == 0 else f"{feature}{SEP}me{k}"
 
 
+def set_index(name: str) -> int:
+    """k of a multi-embedding set table ``f__mek``; 0 for a plain feature ``f``; -1 for other derived names."""
+    if SEP not in name:
+        return 0
+    tag = name.split(SEP, 1)[1]
+    return int(tag[2:]) if tag.startswith("me") and tag[2:].isdigit() else -1
+
+
 def att_name(feature: str) -> str:
     return f"{feature}{SEP}att"
 

@@ -29,10 +29,12 @@ import torch
 import torch.distributed as dist
 
 from data.stats import BUCKETS
+from models.layout import set_index
 from trainer.collapse import grams_by_group, summarize
 
 BUCKET_GROUPS = BUCKETS   # head, torso, tail: data.stats.bucket_of's 0, 1, 2
 GROUPS = ("all", *BUCKET_GROUPS)
+SETS_SUFFIX = "__sets"   # the diagnostics' name for a multi-embedding feature's sets side by side
 CHUNK_ROWS = 8192
 
 
@@ -43,6 +45,9 @@ class TableRows:
     name: str
     factor_dim: int                   # columns [:factor_dim] are the embedding
     bucket: np.ndarray | None = None  # per row: 0 head, 1 torso, 2 tail, -1 never seen (left out); None: one group
+    # a virtual table: the factor columns of these (table, factor_dim) side by side (a multi-embedding
+    # feature's K sets, models/layout.py), compared with one table of the same total width
+    parts: tuple[tuple[str, int], ...] = ()
 
 
 def row_groups(dataset_dir: str, feature: str) -> np.ndarray | None:
@@ -121,24 +126,25 @@ def _sample_rows(groups: torch.Tensor, sample_rows: int, seed: int) -> torch.Ten
     return torch.from_numpy(seen)
 
 
-def _assembled(weight, t: TableRows, groups: torch.Tensor, device: torch.device, sample_rows: int,
-               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-bucket Gram matrices of a (sampled) set of rows completed across column shards."""
+def _assembled(parts: list[tuple[object, int, int]], t: TableRows, groups: torch.Tensor, device: torch.device,
+               sample_rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bucket Gram matrices of a (sampled) set of rows completed across column shards (and, for a
+    virtual table, across its tables). ``parts``: (weight, first column in the row, factor columns)."""
     ng = 3 if t.bucket is not None else 1
     d = t.factor_dim
     rows = _sample_rows(groups, sample_rows, seed).to(device)
     g = torch.zeros(ng, d, d, dtype=torch.float64, device=device)
-    shards = _local_shards(weight)
+    shards = [(base, fd, r0, c0, shard) for w, base, fd in parts for r0, c0, shard in _local_shards(w)]
     for start in range(0, rows.numel(), CHUNK_ROWS):
         ids = rows[start: start + CHUNK_ROWS]
         buf = torch.zeros(ids.numel(), d, dtype=torch.float64, device=device)
-        for r0, c0, shard in shards:
-            if c0 >= d:
+        for base, fd, r0, c0, shard in shards:
+            if c0 >= fd:
                 continue
             inside = (ids >= r0) & (ids < r0 + shard.shape[0])
-            cols = min(shard.shape[1], d - c0)
-            buf[inside, c0: c0 + cols] = shard[ids[inside] - r0, :cols].to(device, torch.float64)
-        _all_reduce(buf)   # columns are disjoint across shards: the sum completes each row
+            cols = min(shard.shape[1], fd - c0)
+            buf[inside, base + c0: base + c0 + cols] = shard[ids[inside] - r0, :cols].to(device, torch.float64)
+        _all_reduce(buf)   # columns are disjoint across shards (and parts): the sum completes each row
         g += grams_by_group(buf, groups[ids], ng)
     counts = torch.stack([(groups[rows] == k).sum() for k in range(ng)]).to(torch.float64)
     return g, counts
@@ -152,12 +158,18 @@ def collapse_stats(module: torch.nn.Module, tables: list[TableRows], device: tor
     weights = table_weights(module)
     out = {}
     for t in sorted(tables, key=lambda x: x.name):
-        if t.name not in weights:
-            raise KeyError(f"diagnostics: no table {t.name!r} in the model ({sorted(weights)})")
-        w = weights[t.name]
+        for name in [p for p, _ in t.parts] or [t.name]:
+            if name not in weights:
+                raise KeyError(f"diagnostics: no table {name!r} in the model ({sorted(weights)})")
+        if t.parts:
+            bases = np.cumsum([0] + [fd for _, fd in t.parts])
+            parts = [(weights[p], int(b), fd) for (p, fd), b in zip(t.parts, bases)]
+        else:
+            parts = [(weights[t.name], 0, t.factor_dim)]
+        w = parts[0][0]
         groups = _group_index(t, int(w.size(0)), device)
-        if _column_split(w, t.factor_dim):
-            g, counts = _assembled(w, t, groups, device, sample_rows, seed)
+        if t.parts or _column_split(w, t.factor_dim):
+            g, counts = _assembled(parts, t, groups, device, sample_rows, seed)
             method = "sample" if sample_rows and int((groups >= 0).sum()) > sample_rows else "assembled"
         else:
             g, counts = _exact(w, t, groups, device)
@@ -187,13 +199,17 @@ class CollapseMonitor:
 
             raise ConfigError(f"diagnostics.tables: {bad} are not tables of this run ({known})")
         groups: dict[str, np.ndarray | None] = {}
-        rows = []
+        rows, sets = [], {}
         for spec in layout.tables:
-            if names and spec.name not in names:
-                continue
             if spec.base not in groups:
                 groups[spec.base] = row_groups(dataset_dir, spec.base)
-            rows.append(TableRows(spec.name, spec.factor_dim, groups[spec.base]))
+            if set_index(spec.name) >= 0:
+                sets.setdefault(spec.base, []).append((spec.name, spec.factor_dim))
+            if not names or spec.name in names:
+                rows.append(TableRows(spec.name, spec.factor_dim, groups[spec.base]))
+        for base, parts in sets.items():   # multi-embedding: the K sets side by side, as one matrix
+            if len(parts) > 1 and (not names or base in names):
+                rows.append(TableRows(base + SETS_SUFFIX, sum(fd for _, fd in parts), groups[base], tuple(parts)))
         return cls(rows, device, sample_rows, seed)
 
     def __call__(self, module: torch.nn.Module) -> dict:

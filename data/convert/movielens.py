@@ -30,6 +30,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from data import history
 from data.convert.common import (MovieLensOptions, OptionsError, Vocab, file_checksums, finish,
                                  row_uniform, split_of)
 from data.errors import DataError
@@ -160,7 +161,8 @@ class _Source:
         self.layout = detect_layout(src_dir)
         if (self.layout, opts.preset) not in PRESETS:
             raise OptionsError(f"preset {opts.preset!r} needs the ml-1m layout (users.dat demographics)")
-        self.features = PRESETS[(self.layout, opts.preset)]
+        self.features = PRESETS[(self.layout, opts.preset)] + ([history.FEATURE] if opts.history else [])
+        self.history = history.builder(opts, self.features)   # data/history.py; None without --history
         self.opts = opts
         if self.layout == "ml-1m":
             self.files = [src_dir / f for f in ML1M_FILES]
@@ -212,11 +214,13 @@ class _Source:
 
 
 def _count_pass(src: _Source, sink: RowSink):
-    counts = {f: Counter() for f in src.features if f != "ts_bucket"}
+    counts = {f: Counter() for f in src.features if f not in ("ts_bucket", history.FEATURE)}
     lo = hi = None
     n = 0
-    for _, _, ts, values in src.rows(sink):
+    for lineno, _, ts, values in src.rows(sink):
         n += 1
+        if src.history:
+            src.history.observe(lineno, values["user_id"], ts, values["movie_id"])
         lo, hi = (ts, ts) if lo is None else (min(lo, ts), max(hi, ts))
         for f, c in counts.items():
             if f in MULTI_HOT:
@@ -228,8 +232,9 @@ def _count_pass(src: _Source, sink: RowSink):
     return counts, lo, hi
 
 
-def _sparse_features(features: list[str], vocabs: dict, n_buckets: int) -> list[SparseFeature]:
-    return [SparseFeature("ts_bucket", n_buckets) if f == "ts_bucket" else vocabs[f].feature(f in MULTI_HOT)
+def _sparse_features(features: list[str], vocabs: dict, n_buckets: int, hist=None) -> list[SparseFeature]:
+    return [SparseFeature("ts_bucket", n_buckets) if f == "ts_bucket" else
+            hist.feature(len(vocabs["movie_id"])) if f == history.FEATURE else vocabs[f].feature(f in MULTI_HOT)
             for f in features]
 
 
@@ -240,7 +245,9 @@ def _write_pass(src: _Source, writer: DatasetWriter, sink: RowSink, vocabs: dict
     for lineno, label, ts, values in src.rows(sink):
         row = [label]
         for f in src.features:
-            if f == "ts_bucket":
+            if f == history.FEATURE:
+                row.append(src.history.ids(lineno))
+            elif f == "ts_bucket":
                 b = ts_bucket(ts - min_ts)
                 buckets[b] += 1
                 row.append(b)
@@ -260,7 +267,9 @@ def convert(src_dir: Path, out_dir: Path, opts: MovieLensOptions):
     counts, min_ts, max_ts = _count_pass(src, RowSink(None, opts.skip_bad_rows, record=False))
     vocabs = {f: Vocab.build(f, c, opts.min_count) for f, c in counts.items()}
     n_buckets = ts_bucket(max_ts - min_ts) + 1
-    sparse = _sparse_features(src.features, vocabs, n_buckets)
+    if src.history:
+        src.history.finish(vocabs["movie_id"].id)
+    sparse = _sparse_features(src.features, vocabs, n_buckets, src.history)
     writer = DatasetWriter(out, arrow_schema([], sparse), opts.row_group_size, opts.compression)
     buckets = _write_pass(src, writer, sink, vocabs, min_ts)
     splits = writer.close()
@@ -275,4 +284,6 @@ def convert(src_dir: Path, out_dir: Path, opts: MovieLensOptions):
               "ignored_extra_columns": {"rows": src.extra_rows, "first_lines": src.extra_lines},
               "min_timestamp": min_ts, "ts_bucket": "int(ln(t - min_timestamp)^2), 0 when t - min < 1",
               "vocab": vocab_files, "split": "random"}
+    if src.history:
+        source["history"] = src.history.summary()
     return finish(out, source, [], sparse, splits, sink.summary(), opts)
