@@ -10,7 +10,9 @@ For an embedding matrix E (n rows, d columns) with singular values s_1 >= ... >=
 Working from G instead of E lets the trainer add the Gram matrices of row shards (an all-reduce of
 d x d numbers) instead of gathering rows (trainer/diagnostics.py). Everything is float64: the
 eigenvalues of G are the *squares* of the singular values, so float32 would lose the small ones
-(the tail of the spectrum is what collapse is about).
+(the tail of the spectrum is what collapse is about). Even in float64 a Gram matrix resolves singular
+values only down to about sqrt(eps) = 1.5e-8 times the largest: below that (exactly rank-deficient
+tables) they read as ~1e-8 instead of 0, which moves the abundance by less than 1e-7 per column.
 """
 from __future__ import annotations
 
