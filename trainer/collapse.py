@@ -60,4 +60,5 @@ def summarize(g: torch.Tensor, rows: int) -> dict:
     """What results.json records for one table (or bucket of rows): rows, abundance, the spectrum."""
     s = spectrum_from_gram(g.cpu())
     return {"rows": int(rows), "abundance": information_abundance(s) if rows else math.nan,
-            "singular_values": [float(x) for x in s] if rows else []}
+            # 7 significant digits: float32's precision, a third of the JSON
+            "singular_values": [float(f"{x:.7g}") for x in s] if rows else []}

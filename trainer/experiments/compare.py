@@ -96,7 +96,8 @@ def collect(variants: list[Variant], runs: dict[str, dict], tables: list[str]) -
                 row["abundance"].setdefault(f"{t}.{grp}", []).append(_abundance(best, t, grp) if r else None)
         row["history"].append([] if not r else [
             {"epoch": h["epoch"], "valid_auc": h["valid"]["all"]["auc"],
-             **{t: _abundance(h, t, "all") for t in tables}} for h in r.get("history", [])])
+             **{t: _abundance(h, t, "all") for t in tables},
+             **{f"{t}.tail": _abundance(h, t, "tail") for t in tables}} for h in r.get("history", [])])
     return list(rows.values())
 
 
@@ -146,20 +147,28 @@ def plot(rows: list[dict], tables: list[str], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     keys = ["valid_auc", *tables]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes[0], keys):
-        for r in rows:
-            per_epoch: dict[int, list[float]] = {}
-            for hist in r["history"]:
-                for h in hist:
-                    if h.get(key) is not None and not math.isnan(h[key]):
-                        per_epoch.setdefault(h["epoch"], []).append(h[key])
-            if per_epoch:
-                ep = sorted(per_epoch)
-                ax.plot(ep, [np.mean(per_epoch[e]) for e in ep], marker="o", label=r["label"])
-        ax.set_title("valid AUC" if key == "valid_auc" else f"information abundance: {key}", fontsize=9)
+        for i, r in enumerate(rows):
+            # abundance: all trained rows solid, the tail bucket dashed
+            for k, style in ((key, "-"), (f"{key}.tail", "--")) if key != "valid_auc" else ((key, "-"),):
+                per_epoch: dict[int, list[float]] = {}
+                for hist in r["history"]:
+                    for h in hist:
+                        if h.get(k) is not None and not math.isnan(h[k]):
+                            per_epoch.setdefault(h["epoch"], []).append(h[k])
+                if per_epoch:
+                    ep = sorted(per_epoch)
+                    ax.plot(ep, [np.mean(per_epoch[e]) for e in ep], style, marker="o", markersize=3,
+                            color=colors[i % len(colors)], label=r["label"] if style == "-" else None)
+        ax.set_title("valid AUC (mean over seeds)" if key == "valid_auc"
+                     else f"information abundance: {key} (dashed: tail)", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
