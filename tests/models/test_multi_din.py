@@ -227,3 +227,45 @@ def test_decoupled_gradients_split_between_the_tables():
     assert m.ebc.embedding_bags["movie_id__att"].weight.grad.abs().sum() > 0
     assert m.ebc.embedding_bags["movie_id"].weight.grad is None or \
         float(m.ebc.embedding_bags["movie_id"].weight.grad.abs().sum()) == 0.0
+
+
+# ------------------------------------------------------------------------------ generic checks (as test_models.py)
+def _generic(kind):
+    if kind == "din":
+        cfg = _cfg("din")
+        lay, tables = _tables(cfg, DIN_DIMS, history_len=3)
+        lengths = torch.tensor([1] * B + [1] * B + [3, 0, 2, 5, 1, 3])
+        kjt = _expand(_kjt(["user_id", "movie_id", "history"], lengths=lengths), lay)
+    else:
+        cfg = _cfg(kind, k=2)
+        lay, tables = _tables(cfg)
+        kjt = _expand(_kjt(list(FEATS)), lay)
+    return cfg, lay, tables, kjt
+
+
+GENERIC = ["deepfm", "dlrm", "dlrm_dcn", "din"]
+
+
+@pytest.mark.parametrize("kind", GENERIC)
+def test_builds_on_meta_and_every_parameter_owner_can_reset(kind):
+    cfg, lay, tables, _ = _generic(kind)
+    model = models.build_model(cfg, tables, 3, feature_names=list(lay.head_features), device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert all(b.is_meta or n.endswith("triu_indices") for n, b in model.named_buffers())
+    for name, mod in model.named_modules():
+        if not name.startswith("ebc") and list(mod.parameters(recurse=False)):
+            assert hasattr(mod, "reset_parameters"), f"{name} ({type(mod).__name__}) cannot be re-initialised"
+
+
+@pytest.mark.parametrize("kind", GENERIC)
+def test_gradients_reach_every_table_and_dense_features_matter(kind):
+    cfg, lay, tables, kjt = _generic(kind)
+    model = _build(cfg, tables, lay, num_dense=2)
+    dense = torch.randn(B, 2)
+    model(dense, kjt).sum().backward()
+    for t in tables:
+        g = model.ebc.embedding_bags[t.name].weight.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, t.name
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("ebc."))
+    model.eval()
+    assert not torch.allclose(model(torch.zeros(B, 2), kjt), model(torch.ones(B, 2), kjt))
