@@ -23,6 +23,8 @@ Memory: the builder holds four int64 numbers per kept rating and, after ``finish
 """
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 from data.manifest import SparseFeature
@@ -74,8 +76,12 @@ class HistoryBuilder:
     def __init__(self, length: int, ties: str = "strict"):
         check_options(length, ties)
         self.length, self.ties = length, ties
-        self._cols: list[list[int]] = [[], [], [], []]
+        self._cols = self._empty()
         self._lines = self._hist = None
+
+    @staticmethod
+    def _empty() -> list[array]:
+        return [array("q") for _ in range(4)]   # 8 bytes per number (a list of ints would take ~4x)
 
     def observe(self, line: int, user: int, ts: int, movie) -> None:
         for c, v in zip(self._cols, (line, user, ts, movie)):
@@ -83,8 +89,9 @@ class HistoryBuilder:
 
     def finish(self, movie_id_of) -> None:
         """``movie_id_of(raw) -> dense id`` (the movie vocabulary's ``id``)."""
-        lines, users, ts, raw = (np.asarray(c, dtype=np.int64) for c in self._cols)
-        self._cols = [[], [], [], []]
+        lines, users, ts, raw = (np.frombuffer(c, dtype=np.int64) if len(c) else np.zeros(0, np.int64)
+                                 for c in self._cols)
+        self._cols = self._empty()
         uniq, inv = np.unique(raw, return_inverse=True)
         dense = np.array([movie_id_of(int(v)) for v in uniq], dtype=np.int64)[inv] if len(raw) else raw
         order = np.argsort(lines, kind="stable")
