@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchrec import EmbeddingBagConfig
 
 from data.loader import ParquetLoader
-from data.manifest import Manifest, load_manifest
+from data.manifest import load_manifest
 from models import build_model
 from models.layout import base_feature
 from trainer import config_base
@@ -53,12 +52,6 @@ class TrainState:
     history: list = field(default_factory=list)   # one entry per evaluation
     train_seconds: float = 0.0   # wall time inside training steps (excludes eval and checkpoints)
     done: bool = False           # early stopping fired (max_steps is not persisted: a resumed run may go further)
-
-
-def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[EmbeddingBagConfig]:
-    """The run's tables for the model's layout (trainer/tables.py; one per feature unless the model asks
-    for more: multi-embedding sets, din's attention table)."""
-    return tables.build_tables(cfg, manifest, tables.resolve_layout(cfg, manifest, features))
 
 
 class LossWatch:
