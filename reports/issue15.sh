@@ -14,7 +14,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-C="nice -n 5 tailrec compare --seeds 0,1,2"
+C="nice -n 5 tailrec compare --seeds 0,1,2 --slim"
 # 1. collapse diagnostics: what the optimizers and transfer modes do to the spectrum (DeepFM, ml-latest-small)
 $C --config configs/ablation_ml_latest.yaml --data runs/ml_latest/dataset --out reports/collapse_ml_latest \
   --tables movie_id,user_id --notes reports/notes/collapse.md \

@@ -83,3 +83,23 @@ def test_tiny_comparison_runs_and_resumes(tiny_ml, tmp_path):
     assert f"{res['best']['test']['all']['auc']:.4f}" in readme
     ia = res["best"]["collapse"]["movie_id"]["groups"]["all"]["abundance"]
     assert f"{ia:.2f}" in readme
+
+
+def test_slim_keeps_abundance_and_the_listed_spectra(tmp_path):
+    from trainer.experiments.compare import slim_results
+
+    r = _result(0.8, 0.0, 5.0)
+    r["best"]["collapse"]["movie_id"]["groups"]["all"]["singular_values"] = [2.0, 1.0]
+    r["history"] = [json.loads(json.dumps(r["best"]))]
+    r["best"]["collapse"]["user_id"] = {"method": "exact", "groups": {"all": {"rows": 3, "abundance": 1.5,
+                                                                               "singular_values": [2.0, 1.0]}}}
+    d = tmp_path / "runs" / "a-s0"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(r))
+    assert slim_results(tmp_path, ["movie_id"]) == 1
+    got = json.loads((d / "results.json").read_text())["best"]["collapse"]
+    assert got["movie_id"]["groups"]["all"]["singular_values"] == [2.0, 1.0]
+    assert got["user_id"]["groups"]["all"] == {"rows": 3, "abundance": 1.5}
+    hist = json.loads((d / "results.json").read_text())["history"][0]["collapse"]
+    assert hist["movie_id"]["groups"]["all"] == {"rows": 10, "abundance": 5.0}
+    assert slim_results(tmp_path, ["movie_id"]) == 0

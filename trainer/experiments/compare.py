@@ -177,6 +177,28 @@ def plot(rows: list[dict], tables: list[str], path: Path) -> Path | None:
     return path
 
 
+def slim_results(out: Path, tables: list[str]) -> int:
+    """Keep, in the runs' results.json files, the singular values of ``tables`` (and their multi-embedding
+    sets) at the best evaluation only; rows and abundance stay everywhere. A Criteo run's full spectra at
+    every evaluation are ~0.4 MB, too much to commit per run. Returns the number of files rewritten."""
+    keep = set(tables) | {t + SETS_SUFFIX for t in tables}
+    n = 0
+    for p in sorted((out / "runs").glob("*/results.json")):
+        r = json.loads(p.read_text())
+        changed = False
+        for i, entry in enumerate([r.get("best") or {}, *r.get("history", [])]):
+            for table, c in (entry.get("collapse") or {}).items():
+                if i == 0 and table in keep:
+                    continue
+                for g in c["groups"].values():
+                    if g.pop("singular_values", None) is not None:
+                        changed = True
+        if changed:
+            p.write_text(compact_json(r) + "\n")
+            n += 1
+    return n
+
+
 def load_runs(out: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/results.json"))}
 
@@ -217,6 +239,8 @@ def _compare(args, overrides: list[str]) -> int:
     if not args.report_only:
         res = run_grid(variants, args.config, args.data, out, args.jobs, args.nproc, overrides)
         rc = 1 if res["failed"] else 0
+    if args.slim:
+        slim_results(out, tables)
     notes = Path(args.notes).read_text() if args.notes else ""
     print(f"report: {write_report(out, variants, tables, args.title or f'Comparison: {out.name}', command, notes)}")
     return rc
@@ -236,4 +260,6 @@ def register(subparsers) -> None:
     p.add_argument("--notes", default="", help="Markdown file inserted into the report")
     p.add_argument("--command-text", default="", help="command line to print in the report")
     p.add_argument("--report-only", action="store_true", help="only rebuild README.md from finished runs")
+    p.add_argument("--slim", action="store_true",
+                   help="keep singular values in the runs' results.json only for --tables (abundance is kept)")
     p.set_defaults(func=_compare, takes_overrides=True)
