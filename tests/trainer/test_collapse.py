@@ -58,6 +58,6 @@ def test_summarize_records_rows_spectrum_and_abundance():
     a = torch.from_numpy(np.random.default_rng(2).normal(size=(20, 4)))
     r = summarize(gram(a), 20)
     assert r["rows"] == 20 and len(r["singular_values"]) == 4
-    np.testing.assert_allclose(r["singular_values"], _svd(a.numpy()), rtol=1e-9)
+    np.testing.assert_allclose(r["singular_values"], _svd(a.numpy()), rtol=1e-6)   # kept to 7 digits
     empty = summarize(torch.zeros(4, 4, dtype=torch.float64), 0)
     assert empty["rows"] == 0 and math.isnan(empty["abundance"]) and empty["singular_values"] == []
