@@ -65,3 +65,6 @@ class ModelConfig:
         for name in ("history_len", "attention_dim"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}.{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.attention_dim and self.attention_embedding == "shared":
+            raise ValueError(f"{where}.attention_dim: a shared attention table is the target's own (its dim); "
+                             "attention_dim needs attention_embedding=decoupled")

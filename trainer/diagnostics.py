@@ -51,13 +51,15 @@ class TableRows:
 
 
 def row_groups(dataset_dir: str, feature: str) -> np.ndarray | None:
-    """Per-id bucket of ``feature`` (0/1/2) with never-seen ids as -1, or None without statistics."""
+    """Per-id bucket of ``feature`` (0/1/2) with never-seen ids as -1, or None without statistics (a
+    dataset converted with ``--no-stats``: then every row counts, in the one group ``all``)."""
+    from data.errors import DataError
     from data.stats import bucket_of, load_counts
 
     try:
         b = bucket_of(dataset_dir, feature).astype(np.int64)
         counts = load_counts(dataset_dir)[feature]
-    except (KeyError, FileNotFoundError):
+    except (KeyError, FileNotFoundError, DataError):
         return None
     b[counts == 0] = -1
     return b

@@ -94,7 +94,8 @@ def test_dmp_multi_embedding_and_din(pg, kind):
     from trainer.tables import derive_kjt
 
     if kind.startswith("din"):
-        cfg = ModelConfig(name="din", mlp=[8], attention_embedding=kind[4:], attention_dim=4)
+        cfg = ModelConfig(name="din", mlp=[8], attention_embedding=kind[4:],
+                          attention_dim=4 if kind == "din_decoupled" else 0)
         dims, raw = {"u": 8, "movie_id": 8, "history": 8}, ["u", "movie_id", "history"]
         lay = table_layout(cfg, raw, dims, history_len=2)
     else:

@@ -61,3 +61,18 @@ def test_summarize_records_rows_spectrum_and_abundance():
     np.testing.assert_allclose(r["singular_values"], _svd(a.numpy()), rtol=1e-6)   # kept to 7 digits
     empty = summarize(torch.zeros(4, 4, dtype=torch.float64), 0)
     assert empty["rows"] == 0 and math.isnan(empty["abundance"]) and empty["singular_values"] == []
+
+
+def test_row_groups_of_a_dataset_without_statistics(tiny_ml, tmp_path):
+    """Seen ids get their bucket, never-seen ids -1; a dataset without stats/ gives None (one group)."""
+    import shutil
+
+    from data.stats import bucket_of, load_counts
+    from trainer.diagnostics import row_groups
+
+    g = row_groups(str(tiny_ml), "movie_id")
+    counts = load_counts(tiny_ml)["movie_id"]
+    assert (g[counts == 0] == -1).all() and np.array_equal(g[counts > 0], bucket_of(tiny_ml, "movie_id")[counts > 0])
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_ml, bare, ignore=shutil.ignore_patterns("stats"))
+    assert row_groups(str(bare), "movie_id") is None

@@ -36,6 +36,7 @@ def test_defaults():
     ("--model.name=autoint --model.num_embeddings=2", "model.num_embeddings: multi-embedding is implemented for"),
     ("--model.attention_embedding=both", "model.attention_embedding: 'both' is not one of"),
     ("--model.history_len=-1", "model.history_len: must be >= 0"),
+    ("--model.attention_embedding=shared --model.attention_dim=8", "model.attention_dim: a shared attention table"),
 ])
 def test_bad_values_exit_2_naming_the_field(capsys, tmp_path, override, message):
     rc = main(["train", "--config", str(CONFIG), f"--run_dir={tmp_path}", *override.split()])

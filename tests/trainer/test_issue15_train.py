@@ -99,10 +99,10 @@ def test_multi_embedding_two_ranks(tiny_ml, tmp_path, run):
 @pytest.mark.parametrize("attention", ["shared", "decoupled"])
 def test_din_two_ranks(tiny_hist, tmp_path, attention):
     extra = ["--embedding.tables.movie_id__att.optimizer.name=rowwise_adagrad",
-             "--embedding.tables.movie_id__att.optimizer.lr=0.05",
+             "--embedding.tables.movie_id__att.optimizer.lr=0.05", "--model.attention_dim=8",
              "--embedding.tables.movie_id__att.sharding_type=table_wise"] if attention == "decoupled" else []
     run_trainer(tmp_path / attention, tiny_hist, 2, "--train.epochs=2", "--model.name=din", "--model.mlp=[32,16]",
-                f"--model.attention_embedding={attention}", "--model.attention_dim=8",
+                f"--model.attention_embedding={attention}",
                 "--embedding.optimizer.name=cfsgd", "--embedding.optimizer.lr=1",
                 "--embedding.tables.movie_id.sharding_type=row_wise", *extra)
     res = results(tmp_path / attention)
