@@ -76,3 +76,11 @@ $C --config configs/criteo_dlrm_dcn.yaml --data runs/criteo_gen/dataset --out re
   --embedding.dim=32 --train.epochs=1 --data.batch_size=2048 --train.log_every=1000 --model.mlp=[256,128]
 # (configs/criteo_dlrm.yaml's mlp [256, 128, 1] ends in a hidden layer of width 1 before the output, a
 #  ReLU that died in 3 of our 6 first runs (AUC 0.5000): the runs above override it)
+# 6. DARE with our CF-SGD kernel on both DIN tables (the runs in 3 used FBGEMM rowwise Adagrad)
+$C --config configs/ml_latest_deepfm.yaml --data runs/ml_hist/dataset --out reports/dare_ml_latest_cfsgd \
+  --tables movie_id,movie_id__att --notes reports/notes/dare_cfsgd.md \
+  --title "DIN shared vs decoupled attention embeddings with CF-SGD, ml-latest-small, 20-movie history" \
+  --variant "din_shared: --model.name=din --model.attention_embedding=shared" \
+  --variant "din_decoupled: --model.name=din --model.attention_embedding=decoupled" \
+  --embedding.optimizer.name=cfsgd --embedding.optimizer.lr=3 \
+  --data.bucket_feature=movie_id --train.epochs=3 --train.log_every=1000
