@@ -33,7 +33,8 @@ def _convert(args) -> int:
             if len(args.src) != 1:
                 raise OptionsError("movielens takes one --src directory")
             opts = MovieLensOptions(preset=args.preset, drop_neutral=not args.keep_neutral,
-                                    min_count=args.min_count or 1, **_common_opts(args))
+                                    min_count=args.min_count or 1, history=args.history,
+                                    history_ties=args.history_ties, **_common_opts(args))
             m = convert_movielens(args.src[0], args.out, opts)
         else:
             opts = CriteoOptions(mode=args.mode, min_count=args.min_count or 10, hash_size=args.hash_size,
@@ -95,6 +96,10 @@ def _add_convert(sub) -> None:
     c.add_argument("--out", required=True, help="output dataset directory")
     c.add_argument("--preset", default="full", choices=["full", "paper7"], help="MovieLens feature set")
     c.add_argument("--keep-neutral", action="store_true", help="MovieLens: keep rating 3 rows (label 0)")
+    c.add_argument("--history", type=int, default=0,
+                   help="MovieLens: add a 'history' column, the user's previous N movies (data/history.py)")
+    c.add_argument("--history-ties", default="strict", choices=["strict", "line"],
+                   help="MovieLens history: same-timestamp ratings never see each other (strict) or by line order")
     c.add_argument("--mode", default="vocab", choices=["vocab", "hash"], help="Criteo categorical ids")
     c.add_argument("--min-count", "--frequency-threshold", dest="min_count", type=int, default=None,
                    help="vocab threshold: rarer values share the OOV id (Criteo 10, MovieLens 1)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from models.config import FIRST_ORDER_MODELS, MODELS, ModelConfig
+from models.config import FIRST_ORDER_MODELS, MODELS, MULTI_EMBEDDING_MODELS, ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 # What ``from models import X`` resolves lazily: the package itself imports no torch/torchrec, so
 # ``models.config`` (and the trainer's config, which embeds it) loads in milliseconds.
 _LAZY = {"FM": "models.fm", "DeepFM": "models.fm", "AutoInt": "models.autoint", "DLRM": "models.dlrm",
-         "DLRMDCN": "models.dlrm", "TailrecModel": "models.base", "FieldSpec": "models.base"}
+         "DLRMDCN": "models.dlrm", "TailrecModel": "models.base", "FieldSpec": "models.base", "DIN": "models.din",
+         "MultiDeepFM": "models.multi", "MultiDLRM": "models.multi", "MultiDLRMDCN": "models.multi",
+         "table_layout": "models.layout", "Layout": "models.layout"}
 
 
 def __getattr__(name: str) -> Any:
@@ -85,10 +87,16 @@ def build_model(
     fields = FieldSpec.from_tables(tables, feature_names)
     device = torch.device(device)
     # Dense modules are created under the same device so a meta build allocates nothing.
+    if cfg.num_embeddings > 1:   # multi-embedding: the model's multi-set class (models/multi.py)
+        module, name = MULTI_EMBEDDING_MODELS[cfg.name].split(":")
+        cls = getattr(importlib.import_module(module), name)
+    else:
+        cls = __getattr__("MODEL_CLASSES")[cfg.name]
     with device:
         ebc = EmbeddingBagCollection(tables=tables, device=device)
-        return __getattr__("MODEL_CLASSES")[cfg.name](cfg, ebc, fields, num_dense)
+        return cls(cfg, ebc, fields, num_dense)
 
 
 __all__ = ["build_model", "extra_dims", "table_dim", "factor_dim", "ModelConfig", "MODELS", "TailrecModel",
-           "MODEL_CLASSES", "FM", "DeepFM", "AutoInt", "DLRM", "DLRMDCN"]
+           "MODEL_CLASSES", "FM", "DeepFM", "AutoInt", "DLRM", "DLRMDCN", "DIN", "MultiDeepFM", "MultiDLRM",
+           "MultiDLRMDCN", "table_layout", "Layout"]

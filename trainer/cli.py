@@ -64,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["data", "kernel", "train"])
     b.set_defaults(func=_bench, takes_overrides=True)
     from trainer.experiments.ablate import register as register_ablate
+    from trainer.experiments.compare import register as register_compare
     from trainer.experiments.tune import register as register_tune
 
     register_ablate(sub)
     register_tune(sub)
+    register_compare(sub)
     return p
 
 

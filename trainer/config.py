@@ -16,6 +16,7 @@ from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
 TRANSFER_LOSSES = ("mmd", "cosreg", "frage", "neighbor")
+RANKING_LOSSES = ("none", "pairwise", "listwise")
 
 
 def _choice(where: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -130,7 +131,9 @@ class EmbeddingConfig:
         _number(where, "init_scale", self.init_scale, 0)
 
     def for_table(self, name: str) -> tuple[int, str, EmbOptimConfig]:
-        t = self.tables.get(name, TableConfig())
+        # a derived table (models/layout.py: movie_id__me1, movie_id__att) without an entry of its own
+        # takes its base feature's
+        t = self.tables.get(name) or self.tables.get(name.split("__", 1)[0]) or TableConfig()
         return (t.dim or self.dim, t.sharding_type or self.sharding_type, t.optimizer or self.optimizer)
 
 
@@ -235,6 +238,29 @@ METHODS = ("tailrec", "stock")
 
 
 @dataclass
+class DiagnosticsConfig:
+    collapse: bool = True              # embedding-collapse diagnostics at each evaluation (trainer/diagnostics.py)
+    sample_rows: int = 65536           # column-split tables: seen rows sampled (seeded) to assemble; 0 = all
+    tables: list[str] = field(default_factory=list)  # tables to diagnose; [] = every table
+
+    def validate(self, where: str) -> None:
+        _number(where, "sample_rows", self.sample_rows, 0)
+
+
+@dataclass
+class LossConfig:
+    """loss = BCE + ``weight`` * ranking term over the pairs of one rank's batch (trainer/losses.py)."""
+    ranking: str = "none"              # one of RANKING_LOSSES: none | pairwise | listwise
+    weight: float = 1.0                # coefficient of the ranking term
+    temperature: float = 1.0           # listwise: softmax over logits / temperature
+
+    def validate(self, where: str) -> None:
+        _choice(where, "ranking", self.ranking, RANKING_LOSSES)
+        _number(where, "weight", self.weight, 0)
+        _number(where, "temperature", self.temperature, 0, strict=True)
+
+
+@dataclass
 class Config:
     # tailrec: the config as written (our optimizer and transfer) | stock: the stock TorchRec baseline, one
     # flag away: FBGEMM exact_rowwise_adagrad at its default lr on every table, no transfer (the rest kept)
@@ -248,6 +274,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def validate(self, where: str) -> None:
         _choice(where, "method", self.method, METHODS)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchrec import EmbeddingBagConfig
 
 from data.loader import ParquetLoader
-from data.manifest import Manifest, load_manifest
-from models import build_model, table_dim
+from data.manifest import load_manifest
+from models import build_model
+from models.layout import base_feature
 from trainer import config_base
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config
@@ -29,11 +29,14 @@ from trainer.logs import show_progress
 from trainer.dist import DistEnv
 from trainer.evaluation import evaluate
 from trainer.dense_optimizer import build_dense_optimizer
+from trainer.diagnostics import CollapseMonitor
 from trainer.results import PROGRESS, append_progress
 from trainer.pipeline import TimedIterator, make_driver
 from trainer.sharding import kernel_stats, set_optimizer_step, shard_model
 from trainer import transfer_wiring
 from trainer.train_module import TrainModule
+from trainer import tables
+from trainer.losses import RankingBCELoss
 
 log = logging.getLogger("tailrec.train")
 
@@ -49,20 +52,6 @@ class TrainState:
     history: list = field(default_factory=list)   # one entry per evaluation
     train_seconds: float = 0.0   # wall time inside training steps (excludes eval and checkpoints)
     done: bool = False           # early stopping fired (max_steps is not persisted: a resumed run may go further)
-
-
-def build_tables(cfg: Config, manifest: Manifest, features: list[str]) -> list[EmbeddingBagConfig]:
-    tables = []
-    for f in features:
-        dim, _, _ = cfg.embedding.for_table(f)
-        kw = {}
-        if cfg.embedding.init_scale > 0:
-            s = cfg.embedding.init_scale
-            kw["init_fn"] = functools.partial(torch.nn.init.uniform_, a=-s, b=s)
-        tables.append(EmbeddingBagConfig(name=f, embedding_dim=table_dim(cfg.model.name, dim),
-                                         feature_names=transfer_wiring.table_feature_names(cfg, f),
-                                         num_embeddings=manifest.feature(f).num_embeddings, **kw))
-    return tables
 
 
 class LossWatch:
@@ -94,8 +83,8 @@ def _check_feature_names(cfg: Config, features: list[str], in_dataset: list[str]
     for f in cfg.data.features:
         if f not in in_dataset:
             raise ConfigError(f"data.features: {f!r} is not a feature of {cfg.data.path} ({in_dataset})")
-    for name in cfg.embedding.tables:
-        if name not in features:
+    for name in cfg.embedding.tables:   # derived tables (movie_id__att, models/layout.py): checked by the layout
+        if name not in features and base_feature(name) not in features:
             raise ConfigError(f"embedding.tables.{name}: no such feature in this run ({features})")
     if cfg.data.bucket_feature and cfg.data.bucket_feature not in features:
         raise ConfigError(f"data.bucket_feature: {cfg.data.bucket_feature!r} is not a feature of this run "
@@ -127,10 +116,11 @@ class Trainer:
         transfer_wiring.prepare_config(cfg)   # lexico on for transfer tables in lexico/both modes
         self.loaders = {s: self._loader(s) for s in ("train", "valid", "test")}
         fill_horizon(cfg, planned_steps(cfg, len(self.loaders["train"])))
-        self.tables = build_tables(cfg, self.manifest, self.features)
+        self.layout = tables.resolve_layout(cfg, self.manifest, self.features)
+        self.tables = tables.build_tables(cfg, self.manifest, self.layout)
         model = build_model(cfg.model, self.tables, num_dense=len(self.manifest.dense_features),
-                            feature_names=self.features, device="meta")
-        train_module = TrainModule(model)
+                            feature_names=list(self.layout.head_features), device="meta")
+        train_module = TrainModule(model, RankingBCELoss(cfg.loss.ranking, cfg.loss.weight, cfg.loss.temperature))
         sharded = shard_model(train_module, cfg.embedding, self.tables, dist.group.WORLD, env.device)
         self.dmp, self.plan_text = sharded.dmp, sharded.plan_text
         self.transfer = transfer_wiring.build_runtime(cfg, self.tables, env.device)  # None: baseline
@@ -140,9 +130,14 @@ class Trainer:
         dense_emb_lr = {n: cfg.embedding.for_table(n.split("embedding_bags.")[1].rsplit(".", 1)[0])[2].lr
                         for n, _ in sharded.dense_emb_params}   # dense_adam tables: torch Adam at their lr
         self.optimizer = build_dense_optimizer(self.dmp, cfg.dense_optim, dense_emb_lr)
+        if tables.needs_views(self.layout, self.features):   # derived keys (multi-embedding sets, history positions)
+            self.loaders = {s: tables.DerivedBatches(ld, self.layout) for s, ld in self.loaders.items()}
         if self.transfer:  # shadow features in every batch (empty outside training)
             self.loaders = {s: self.transfer.wrap(ld, s == "train") for s, ld in self.loaders.items()}
         self.bucket_of_id = self._buckets()
+        dg = cfg.diagnostics
+        self.collapse = (CollapseMonitor.from_layout(self.layout, cfg.data.path, dg.tables, env.device, dg.sample_rows,
+                                                     cfg.train.seed) if dg.collapse else None)
         groups = transfer_wiring.eval_groups(cfg)
         self.group_of_id, self.group_names = groups if groups is not None else (None, ())
         if self.metrics and self.group_names:
@@ -353,6 +348,9 @@ class Trainer:
         valid, test = self.evaluate_split("valid"), self.evaluate_split("test")
         self.heartbeat.beat("evaluated")
         entry = {"epoch": self.state.epoch, "step": self.state.step, "valid": valid, "test": test}
+        if self.collapse:   # embedding-collapse diagnostics (a collective: every rank)
+            entry["collapse"] = self.collapse(self.dmp)
+            log.info(self.collapse.summary(entry["collapse"]))
         if self.transfer:
             entry["transfer"] = self.transfer.flush_metrics()
             log.info("transfer metrics: %s", entry["transfer"])
@@ -363,6 +361,8 @@ class Trainer:
             for split, res in (("valid", valid), ("test", test)):
                 for bucket, m in res.items():
                     self.metrics.on_eval(split, bucket, m["auc"], m["logloss"], m["ne"])
+            if "collapse" in entry:
+                CollapseMonitor.export(self.metrics, entry["collapse"])
         auc = valid["all"]["auc"]
         if auc > self.state.best_valid_auc:
             self.state.best_valid_auc, self.state.best, self.state.bad_evals = auc, entry, 0

@@ -11,7 +11,8 @@ Who calls what (the training loop):
   ``rate(tailrec_dataloader_wait_seconds_total) / rate(tailrec_train_step_duration_seconds_sum)``.
 - every ``log_every`` steps: ``on_optimizer_stats(...)`` per table, ``update_memory()``.
 - after evaluation: ``on_eval(split, bucket, auc, logloss, ne)``; only rank 0 exports (values are
-  global, all-gathered), the other ranks ignore the call.
+  global, all-gathered), the other ranks ignore the call. Then ``on_collapse(table, bucket,
+  abundance)`` per table and row group (trainer/diagnostics.py; global values, rank 0 exports).
 - ``on_checkpoint`` after a complete save, ``on_restart`` once at start-up, ``push_end_of_run`` and
   ``close()`` at the end (also on error).
 
@@ -34,6 +35,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, pushadd_to_gateway
 from data.manifest import SPLITS
 from trainer.config import MetricsConfig
 from trainer.evaluation import RESULT_GROUPS as BUCKETS   # eval label values (bounded)
+from trainer.diagnostics import GROUPS as COLLAPSE_GROUPS   # information-abundance row groups (bounded)
 # Percentiles over the rows a step touched, as kernel_stats reports them (p50, p90, p99; max = p100).
 # One aggregation per metric, labelled `percentile` ("quantile" is reserved for summaries: promtool).
 PERCENTILES = {"p50": "p50", "p90": "p90", "p99": "p99", "max": "p100"}
@@ -66,6 +68,9 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tailrec_eval_auc": ("gauge", "Global evaluation AUC (rank 0 exports)", ("split", "bucket")),
     "tailrec_eval_logloss": ("gauge", "Global evaluation log loss (rank 0 exports)", ("split", "bucket")),
     "tailrec_eval_ne": ("gauge", "Global normalized entropy (rank 0 exports)", ("split", "bucket")),
+    "tailrec_embedding_information_abundance": (
+        "gauge", "Information abundance (sum of singular values / largest) of a table's trained rows, all or "
+        "by head/torso/tail bucket, at the last evaluation (rank 0 exports)", ("table", "bucket")),
     "tailrec_process_resident_memory_bytes": ("gauge", "Resident set size of this rank's process", ()),
     "tailrec_cuda_max_memory_allocated_bytes": (
         "gauge", "torch.cuda.max_memory_allocated of this rank's device", ()),
@@ -139,6 +144,8 @@ class MetricsSink(Protocol):
 
     def on_eval(self, split: str, bucket: str, auc: float, logloss: float, ne: float) -> None: ...
 
+    def on_collapse(self, table: str, bucket: str, abundance: float) -> None: ...
+
     def on_checkpoint(self, duration_seconds: float, timestamp: float) -> None: ...
 
     def on_restart(self, count: int) -> None: ...
@@ -160,6 +167,9 @@ class NullMetrics:
         pass
 
     def on_eval(self, split, bucket, auc, logloss, ne) -> None:
+        pass
+
+    def on_collapse(self, table, bucket, abundance) -> None:
         pass
 
     def on_checkpoint(self, duration_seconds, timestamp) -> None:
@@ -244,6 +254,13 @@ class PrometheusMetrics:
         self._labels("tailrec_eval_auc", split=split, bucket=bucket).set(auc)
         self._labels("tailrec_eval_logloss", split=split, bucket=bucket).set(logloss)
         self._labels("tailrec_eval_ne", split=split, bucket=bucket).set(ne)
+
+    def on_collapse(self, table: str, bucket: str, abundance: float) -> None:
+        if bucket not in COLLAPSE_GROUPS:
+            raise ValueError(f"collapse bucket must be one of {COLLAPSE_GROUPS}, got {bucket!r}")
+        if self.rank != 0:  # global values (all-reduced): one exporter
+            return
+        self._labels("tailrec_embedding_information_abundance", table=table, bucket=bucket).set(abundance)
 
     def on_checkpoint(self, duration_seconds: float, timestamp: float) -> None:
         self._labels("tailrec_checkpoint_duration_seconds").observe(duration_seconds)

@@ -18,7 +18,22 @@ def markdown(results: dict) -> str:
         for bucket, m in (best.get(split) or {}).items():
             lines.append(f"| {split} | {bucket} | {m['examples']} | {_fmt(m['auc'])} | {_fmt(m['logloss'])} "
                          f"| {_fmt(m['ne'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _collapse_lines(best.get("collapse"))) + "\n"
+
+
+def _collapse_lines(collapse: dict | None) -> list[str]:
+    """Information abundance per table and row group at the selected evaluation (trainer/diagnostics.py)."""
+    if not collapse:
+        return []
+    groups = ("all", "head", "torso", "tail")
+    lines = ["", "Information abundance (sum of singular values / largest) of the trained rows:", "",
+             "| table | method | dim | " + " | ".join(groups) + " |", "|---|---|---:|" + "---:|" * len(groups)]
+    for table, r in collapse.items():
+        g = r["groups"]
+        dim = len(g["all"]["singular_values"])
+        cells = [_fmt(g[k]["abundance"]) if k in g else "—" for k in groups]
+        lines.append(f"| {table} | {r['method']} | {dim} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def compact_json(obj, width: int = 110, indent: str = "") -> str:

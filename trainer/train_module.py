@@ -103,10 +103,12 @@ class HeadCall(nn.Module):
 
 
 class TrainModule(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, loss_fn: nn.Module | None = None):
         super().__init__()
         self.model = model
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        # (logits, labels) -> main loss; a direct child, so the pipeline's tracer calls it as one leaf
+        # (trainer/losses.py's ranking term branches on the batch's labels)
+        self.loss_fn = loss_fn if loss_fn is not None else nn.BCEWithLogitsLoss()
         self.transfer = TransferTerm()
         self.head = HeadCall(model)
 

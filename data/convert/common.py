@@ -81,9 +81,14 @@ class MovieLensOptions(CommonOptions):
     drop_neutral: bool = True         # drop rows with rating == positive_threshold
     positive_threshold: float = 3.0   # label = rating > threshold
     min_count: int = 1                # values seen fewer times -> OOV id (1: closed vocab, no OOV id)
+    history: int = 0                  # >0: a "history" column, the user's previous N movies (data/history.py)
+    history_ties: str = "strict"      # same-timestamp ratings: "strict" (not each other's history) or "line"
 
     def validate(self) -> None:
         super().validate()
+        if self.history < 0 or self.history_ties not in ("strict", "line") or (self.history and self.preset != "full"):
+            raise OptionsError(f"history must be >= 0 with history_ties strict or line and preset full (it needs "
+                               f"user_id, movie_id); got {self.history}, {self.history_ties!r}, {self.preset!r}")
         if self.preset not in ("full", "paper7"):
             raise OptionsError(f"preset must be full or paper7, got {self.preset!r}")
         if self.min_count < 1:

@@ -27,7 +27,9 @@ With ``min_count > 1`` rarer values share an OOV id (the last id). The split key
 number (1-based, header included).
 
 Engines: ``vector`` (default; ``movielens_vec.py``, worker processes over byte ranges of the ratings
-file) and ``rows`` (the reference row parser). The counting pass of ``vector`` counts ratings per user
+file) and ``rows`` (the reference row parser); ``--history N`` (a ``history`` column: the user's
+previous N movies, ``data/history.py``) needs one ordered pass over every row and runs on the row
+engine. The counting pass of ``vector`` counts ratings per user
 and per movie; every vocabulary follows from those counts and the side tables.
 """
 from __future__ import annotations
@@ -37,6 +39,8 @@ from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+
+from data import history
 
 from data.convert.blocks import plan_tasks
 from data.convert.common import (MovieLensOptions, OptionsError, Vocab, check_rows_left, file_checksums, finish,
@@ -60,7 +64,8 @@ class _Source:
         self.layout = detect_layout(src_dir)
         if (self.layout, opts.preset) not in PRESETS:
             raise OptionsError(f"preset {opts.preset!r} needs the ml-1m layout (users.dat demographics)")
-        self.features = PRESETS[(self.layout, opts.preset)]
+        self.features = PRESETS[(self.layout, opts.preset)] + ([history.FEATURE] if opts.history else [])
+        self.history = history.builder(opts, self.features)   # data/history.py; None without --history
         self.opts = opts
         if self.layout == "ml-1m":
             self.files = [src_dir / f for f in ML1M_FILES]
@@ -129,7 +134,7 @@ def convert(src_dir: Path, out_dir: Path, opts: MovieLensOptions):
         out = stage.tmp
         sink = RowSink(out, opts.skip_bad_rows)
         src = _Source(src_dir, opts, sink)
-        if opts.engine == "rows":
+        if opts.engine == "rows" or src.history:
             return _convert_rows(src, out, sink)
         sink.close()
         return _convert_vector(src, out, sink)
@@ -143,8 +148,9 @@ def _vocab_files(out: Path, src: _Source, vocabs: dict, buckets: list[int]) -> d
     return files
 
 
-def _features(features: list[str], vocabs: dict, n_buckets: int) -> list[SparseFeature]:
-    return [SparseFeature("ts_bucket", n_buckets) if f == "ts_bucket" else vocabs[f].feature(f in MULTI_HOT)
+def _features(features: list[str], vocabs: dict, n_buckets: int, hist=None) -> list[SparseFeature]:
+    return [SparseFeature("ts_bucket", n_buckets) if f == "ts_bucket" else
+            hist.feature(len(vocabs["movie_id"])) if f == history.FEATURE else vocabs[f].feature(f in MULTI_HOT)
             for f in features]
 
 
@@ -277,11 +283,13 @@ def _reject_parts(out: Path, side_sink: RowSink, results) -> list[Path]:
 # ----------------------------------------------------------------------------- row engine (reference)
 
 def _count_pass(src: _Source, sink: RowSink):
-    counts = {f: Counter() for f in src.features if f != "ts_bucket"}
+    counts = {f: Counter() for f in src.features if f not in ("ts_bucket", history.FEATURE)}
     lo = hi = None
     n = 0
-    for _, _, ts, values in src.rows(sink):
+    for lineno, _, ts, values in src.rows(sink):
         n += 1
+        if src.history:
+            src.history.observe(lineno, values["user_id"], ts, values["movie_id"])
         lo, hi = (ts, ts) if lo is None else (min(lo, ts), max(hi, ts))
         for f, c in counts.items():
             if f in MULTI_HOT:
@@ -298,7 +306,9 @@ def _write_pass(src: _Source, writer: DatasetWriter, sink: RowSink, vocabs: dict
     for lineno, label, ts, values in src.rows(sink):
         row = [label]
         for f in src.features:
-            if f == "ts_bucket":
+            if f == history.FEATURE:
+                row.append(src.history.ids(lineno))
+            elif f == "ts_bucket":
                 b = ts_bucket(ts - min_ts)
                 buckets[b] += 1
                 row.append(b)
@@ -319,7 +329,9 @@ def _convert_rows(src: _Source, out: Path, sink: RowSink):
         _no_rows(src, {**sink.by_file, **count_sink.by_file})
     vocabs = {f: Vocab.build(f, c, opts.min_count) for f, c in counts.items()}
     n_buckets = ts_bucket(max_ts - min_ts) + 1
-    sparse = _features(src.features, vocabs, n_buckets)
+    if src.history:
+        src.history.finish(vocabs["movie_id"].id)
+    sparse = _features(src.features, vocabs, n_buckets, src.history)
     writer = DatasetWriter(out, arrow_schema([], sparse), opts.row_group_size, opts.compression)
     buckets = _write_pass(src, writer, sink, vocabs, min_ts)
     splits = writer.close()
@@ -327,5 +339,7 @@ def _convert_rows(src: _Source, out: Path, sink: RowSink):
     accepted = sum(s.rows for s in splits.values()) + src.dropped_neutral
     check_rows_left([src.ratings], {src.ratings.name: accepted}, sink.by_file)
     source = src.source(opts, min_ts, _vocab_files(out, src, vocabs, [buckets[b] for b in range(n_buckets)]),
-                        {"name": "rows"})
+                        {"name": "rows"} | ({"why": "--history needs one ordered pass"} if src.history else {}))
+    if src.history:
+        source["history"] = src.history.summary()
     return finish(out, source, [], sparse, splits, sink.by_file, opts)

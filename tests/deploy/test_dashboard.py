@@ -92,7 +92,7 @@ def test_required_views_present():
                    "time() - max(tailrec_checkpoint_last_success_timestamp_seconds)", "tailrec_restarts",
                    "tailrec_eval_auc", "tailrec_eval_ne", "tailrec_eval_logloss", "tailrec_cfsgd_row_frequency",
                    "tailrec_lexico_lambda", "tailrec_lexico_barrier_active_ratio",
-                   "tailrec_process_resident_memory_bytes"):
+                   "tailrec_process_resident_memory_bytes", "tailrec_embedding_information_abundance"):
         assert needle in text, needle
 
 
@@ -125,6 +125,7 @@ def scrapes():
                 if k % 3 == 2:
                     for bucket in ("all", "head", "torso", "tail"):
                         m.on_eval("valid", bucket, 0.7 + 0.01 * k, 0.5, 0.9)
+                        m.on_collapse("movie_id", bucket, 5.0 + 0.1 * k)
             out.append((t, "\n".join(urllib.request.urlopen(m.url, timeout=5).read().decode() for m in ms)))
             t += 15.0
     finally:

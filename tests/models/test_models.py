@@ -8,7 +8,9 @@ from torch import nn
 import models
 from trainer.config import ModelConfig
 
-NAMES = sorted(models.MODEL_CLASSES)
+# din needs a history and a target feature in its tables (models/layout.py): the same generic checks
+# for it, and for the multi-embedding classes, are in test_multi_din.py
+NAMES = sorted(n for n in models.MODEL_CLASSES if n != "din")
 B = 6
 
 

@@ -185,3 +185,18 @@ def test_metric_names_follow_conventions():
     assert "tailrec_train_examples_total" in METRIC_NAMES
     assert "tailrec_train_step_duration_seconds_bucket" in METRIC_NAMES
     assert "tailrec_dataloader_wait_seconds_total" in METRIC_NAMES
+
+
+def test_information_abundance_gauge_rank0_bounded_buckets(exporter):
+    m = exporter(rank=0)
+    m.on_collapse("movie_id", "all", 7.5)
+    m.on_collapse("movie_id", "tail", 4.25)
+    s = scrape(m.url)
+    assert value(s, "tailrec_embedding_information_abundance", rank=0, table="movie_id", bucket="all") == 7.5
+    assert value(s, "tailrec_embedding_information_abundance", rank=0, table="movie_id", bucket="tail") == 4.25
+    with pytest.raises(ValueError, match="collapse bucket"):
+        m.on_collapse("movie_id", "twin", 1.0)   # a planted group is not a row group of a table
+    other = exporter(rank=1)
+    other.on_collapse("movie_id", "all", 3.0)   # global values: rank 0 exports them
+    assert not any(name.startswith("tailrec_embedding_information") for name, _ in scrape(other.url))
+    NullMetrics().on_collapse("movie_id", "all", 1.0)
