@@ -103,3 +103,19 @@ def test_slim_keeps_abundance_and_the_listed_spectra(tmp_path):
     hist = json.loads((d / "results.json").read_text())["history"][0]["collapse"]
     assert hist["movie_id"]["groups"]["all"] == {"rows": 10, "abundance": 5.0}
     assert slim_results(tmp_path, ["movie_id"]) == 0
+
+
+def test_planted_groups_get_columns_when_the_runs_report_them():
+    def run(twin):
+        test = {b: {"auc": 0.8, "logloss": 0.4} for b in ("all", "head", "torso", "tail")}
+        if twin is not None:
+            test |= {"twin": {"auc": twin, "logloss": 0.5}, "loner": {"auc": 0.6, "logloss": 0.6}}
+        return {"best": {"test": test}, "ms_per_step": 1.0, "history": []}
+
+    variants = expand([("base", ()), ("both", ("--transfer.mode=both",))], [0, 1])
+    runs = {"base-s0": run(0.80), "base-s1": run(0.82), "both-s0": run(0.83), "both-s1": run(0.86)}
+    text = markdown(collect(variants, runs, []), [])
+    assert "| AUC twin | AUC loner |" in text and "| Δ twin | Δ loner |" in text
+    assert "| both | +0.00 ± 0.00 | +0.00 ± 0.00 | +0.00 ± 0.00 | +0.00 ± 0.00 | +3.50 ± 0.71 | +0.00 ± 0.00 |" in text
+    plain = markdown(collect(variants, {k: run(None) for k in runs}, []), [])
+    assert "twin" not in plain

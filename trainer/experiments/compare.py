@@ -28,6 +28,7 @@ from trainer.experiments.ablate import fmt_ms, mean_std, run_grid
 from trainer.results import compact_json
 
 BUCKETS = ("all", "head", "torso", "tail")
+GROUPS = ("twin", "loner")     # planted groups (data.generate), shown when the runs report them
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def collect(variants: list[Variant], runs: dict[str, dict], tables: list[str]) -
         r = runs.get(v.name)
         row["seeds"].append(v.seed if r else None)
         best = _best(r) if r else {}
-        for b in BUCKETS:
+        for b in BUCKETS + GROUPS:
             m = (best.get("test") or {}).get(b) or {}
             row["auc"].setdefault(b, []).append(m.get("auc"))
             row["logloss"].setdefault(b, []).append(m.get("logloss"))
@@ -107,23 +108,27 @@ def _paired(xs: list, ys: list) -> tuple[float, float, int]:
 
 
 # ------------------------------------------------------------------------------ report
+def _columns(rows: list[dict]) -> tuple[str, ...]:
+    return BUCKETS + tuple(g for g in GROUPS if any(v is not None for r in rows for v in r["auc"].get(g, [])))
+
+
 def markdown(rows: list[dict], tables: list[str]) -> str:
-    ctrl = rows[0]
+    ctrl, cols = rows[0], _columns(rows)
     lines = ["Test AUC at the best-valid evaluation, mean ± std over seeds (n = finished seeds):", "",
-             "| variant | n | " + " | ".join(f"AUC {b}" for b in BUCKETS) + " | log loss all | ms/step |",
-             "|---|---:|" + "---:|" * (len(BUCKETS) + 2)]
+             "| variant | n | " + " | ".join(f"AUC {b}" for b in cols) + " | log loss all | ms/step |",
+             "|---|---:|" + "---:|" * (len(cols) + 2)]
     for r in rows:
         n = sum(s is not None for s in r["seeds"])
-        cells = [fmt_ms(*mean_std(r["auc"][b])[:2]) for b in BUCKETS]
+        cells = [fmt_ms(*mean_std(r["auc"][b])[:2]) for b in cols]
         ms = mean_std(r["ms_per_step"])[0]
         lines.append(f"| {r['label']} | {n} | " + " | ".join(cells) + f" | {fmt_ms(*mean_std(r['logloss']['all'])[:2])}"
                      f" | {ms:.1f} |")
     lines += ["", f"Difference to `{ctrl['label']}` paired by seed, AUC points x100 (mean ± std of the "
-              "per-seed differences):", "", "| variant | " + " | ".join(f"Δ {b}" for b in BUCKETS) + " |",
-              "|---|" + "---:|" * len(BUCKETS)]
+              "per-seed differences):", "", "| variant | " + " | ".join(f"Δ {b}" for b in cols) + " |",
+              "|---|" + "---:|" * len(cols)]
     for r in rows[1:]:
         cells = []
-        for b in BUCKETS:
+        for b in cols:
             m, s, n = _paired(ctrl["auc"][b], r["auc"][b])
             cells.append("n/a" if not n else f"{100 * m:+.2f} ± {100 * s:.2f}")
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
