@@ -76,7 +76,9 @@ MULTI_RUNS = {
 @pytest.mark.parametrize("run", list(MULTI_RUNS))
 def test_multi_embedding_two_ranks(tiny_ml, tmp_path, run):
     model, opts, loss = MULTI_RUNS[run]
-    run_trainer(tmp_path / run, tiny_ml, 2, "--train.epochs=1", f"--model.name={model}", "--model.num_embeddings=2",
+    # multi-embedding sets and transfer do not combine (exit 2): the shipped config's transfer is switched off
+    run_trainer(tmp_path / run, tiny_ml, 2, "--transfer.mode=baseline", "--train.epochs=1", f"--model.name={model}",
+                "--model.num_embeddings=2",
                 "--embedding.dim=16", f"--loss.ranking={loss}", *opts)
     res = results(tmp_path / run)
     plan = _plan_rows(res)
@@ -101,7 +103,8 @@ def test_din_two_ranks(tiny_hist, tmp_path, attention):
     extra = ["--embedding.tables.movie_id__att.optimizer.name=rowwise_adagrad",
              "--embedding.tables.movie_id__att.optimizer.lr=0.05", "--model.attention_dim=8",
              "--embedding.tables.movie_id__att.sharding_type=table_wise"] if attention == "decoupled" else []
-    run_trainer(tmp_path / attention, tiny_hist, 2, "--train.epochs=2", "--model.name=din", "--model.mlp=[32,16]",
+    run_trainer(tmp_path / attention, tiny_hist, 2, "--transfer.mode=baseline", "--train.epochs=2", "--model.name=din",
+                "--model.mlp=[32,16]",
                 f"--model.attention_embedding={attention}",
                 "--embedding.optimizer.name=cfsgd", "--embedding.optimizer.lr=1",
                 "--embedding.tables.movie_id.sharding_type=row_wise", *extra)
