@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from models.config import ModelConfig
 from trainer.config_base import ConfigError
-from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES, UB_MODES
+from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES, UB_MODES, UB_ROWS
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
@@ -65,6 +65,7 @@ class EmbOptimConfig:
     adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c); with ub_mode=table a multiplier of the estimate
     ub_mode: str | None = None         # cfsgd: "table" (ours, per-table online ub; the default) | "fixed" (FBGEMM:
                                        # ub = adjustment_ub). None: "table" for cfsgd, "fixed" for the others
+    ub_rows: str = "arithmetic"        # table ub: a step's rows averaged arithmetic | geometric (docs/ALGORITHMS §1)
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
@@ -93,6 +94,7 @@ class EmbOptimConfig:
         _number(where, "lexico_h_clip", self.lexico_h_clip, 0)
         _choice(where, "counter_form", self.counter_form, COUNTER_FORMS)
         _choice(where, "ub_mode", self.ub_mode, UB_MODES)
+        _choice(where, "ub_rows", self.ub_rows, UB_ROWS)
         if self.ub_mode == "table" and self.name != "cfsgd":
             raise ConfigError(f"{where}.ub_mode: 'table' is our cfsgd kernel's option, not {self.name}'s")
         _number(where, "horizon", self.horizon, 0)

@@ -50,8 +50,14 @@ def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None, table=None):
     ub = cfg.adjustment_ub
     if getattr(cfg, "ub_mode", "fixed") == "table" and cfg.step_rule == "cfsgd":
         # ours: ub = adjustment_ub x (mean over the table's steps of x_t), x_t = mean_rows mean_d d^2
-        if n:
-            table["ub_sum"] += sum(sum(x * x for x in d) / len(d) for d, _ in dirs) / n
+        per_row = [sum(x * x for x in d) / len(d) for d, _ in dirs]
+        if getattr(cfg, "ub_rows", "arithmetic") == "geometric":
+            logs = [math.log(m) for m in per_row if m > 0]
+            if logs:
+                table["ub_sum"] += math.exp(sum(logs) / len(logs))
+                table["ub_count"] += 1
+        elif n:
+            table["ub_sum"] += sum(per_row) / n
             table["ub_count"] += 1
         ub = cfg.adjustment_ub * table["ub_sum"] / max(table["ub_count"], 1)
     out = []

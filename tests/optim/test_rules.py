@@ -101,10 +101,24 @@ def test_paper_form_keeps_a_steady_rows_step_constant_and_reduces_to_fbgemm_at_t
 
 @pytest.mark.parametrize("form", ["fbgemm", "paper"])
 @pytest.mark.parametrize("lexico", [False, True])
-def test_cfsgd_table_ub_matches_the_formula(form, lexico):
-    """ub_mode="table": ub = adjustment_ub x mean over steps of (mean over updated rows of mean_d d^2)."""
+@pytest.mark.parametrize("rows", ["arithmetic", "geometric"])
+def test_cfsgd_table_ub_matches_the_formula(form, lexico, rows):
+    """ub_mode="table": ub = adjustment_ub x mean over steps of x_t, x_t the arithmetic mean over updated rows
+    of mean_d d^2, or its geometric mean over the rows with d != 0 (lexico_data has a g = 0 row)."""
     check(RuleConfig(lr=0.3, adjustment_ub=1.5, ub_mode="table", counter_form=form, horizon=8 if form == "paper" else 0,
-                     lexico=lexico, counter_halflife=4.0), steps=8, lexico_data=lexico)
+                     lexico=lexico, counter_halflife=4.0, ub_rows=rows), steps=8, lexico_data=lexico)
+
+
+def test_geometric_rows_follow_the_typical_row_not_the_largest():
+    """One row with a 100x gradient: the arithmetic x_t follows it, the geometric one stays near the rest."""
+    d = torch.tensor([[100.0, 100.0]] + [[1.0, 1.0]] * 9)
+    z = {"ub_sum": torch.zeros((), dtype=torch.float64), "ub_count": torch.zeros((), dtype=torch.float64)}
+    ari, _ = rules.table_ub_update(RuleConfig(ub_mode="table"), z, d)
+    geo, st = rules.table_ub_update(RuleConfig(ub_mode="table", ub_rows="geometric"), z, d)
+    assert float(ari) == pytest.approx((1e4 + 9) / 10)
+    assert float(geo) == pytest.approx(math.exp((math.log(1e4) + 9 * 0.0) / 10))   # 10**0.4 = 2.51
+    zero, st0 = rules.table_ub_update(RuleConfig(ub_mode="table", ub_rows="geometric"), z, torch.zeros(3, 2))
+    assert float(st0["ub_count"]) == 0                # no non-zero row: the estimate is left as it is
 
 
 def test_table_ub_makes_the_step_independent_of_the_gradient_scale():

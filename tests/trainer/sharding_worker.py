@@ -249,7 +249,7 @@ def run_ours(sharding: str) -> Dict[str, float]:
                   EmbOptimConfig(name="cfsgd", lr=0.1, ub_mode="table"),
             "t3": EmbOptimConfig(name="exact_sgd", lr=0.1),
             # our default rule (per-table ub; row shards under row_wise)
-            "t4": EmbOptimConfig(name="cfsgd", lr=0.05, ub_mode="table", counter_halflife=3.0)}
+            "t4": EmbOptimConfig(name="cfsgd", lr=0.05, ub_mode="table", ub_rows="geometric", counter_halflife=3.0)}
     cfg = emb_config(opts, sharding)
     out = {}
     for weighted in (False, True):

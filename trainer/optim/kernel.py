@@ -202,7 +202,8 @@ class TailrecTBE(nn.Module):
         hf = [c.lr, c.eps, c.counter_halflife, ub, c.lr_max, c.lexico_alpha,
               c.lexico_lambda_max, c.lexico_h_clip, float(self.main_loss) if c.lexico else 0.0]
         hi = [0 if c.step_rule == "cfsgd" else 1, c.adjustment_iter if c.warmup else -1,
-              step, int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean"), int(c.table_ub)]
+              step, int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean"), int(c.table_ub),
+              int(c.ub_rows == "geometric")]
         return hf, hi
 
     def _update_ext(self, ext: Any, indices: Tensor, offsets: Tensor, psw: Optional[Tensor],

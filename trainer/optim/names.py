@@ -33,3 +33,5 @@ DEFAULT_LR = {
 COUNTER_FORMS = ("fbgemm", "paper")
 # CF-SGD gradient-scale prior ub: FBGEMM's fixed adjustment_ub, or our per-table online estimate
 UB_MODES = ("fixed", "table")
+# how the rows of one step are averaged into the table's estimate (rules.table_ub_update)
+UB_ROWS = ("arithmetic", "geometric")

@@ -24,7 +24,10 @@ Rules (docs/ALGORITHMS.md §1-3):
   applied direction). Then eta = lr / sqrt(ub c) is rowwise Adagrad's lr / sqrt(sum of mean_d d^2) with
   each row's own sum replaced by (its count) x (the table's mean square): the step no longer depends on
   the loss scale, batch size or world size, so one lr carries over; per-row state stays the counter,
-  plus two floats per table.
+  plus two floats per table. ``ub_rows`` sets how the rows of one step are averaged into x_t:
+  "arithmetic" (the mean; frequent rows, whose summed gradients are the largest, dominate it) or
+  "geometric" (exp of the mean log over the rows with d != 0: the typical row, so the many rare rows set
+  the scale and get Adagrad-sized steps).
 * Warm-up (adjustment_iter > 0): while step <= adjustment_iter the row uses rowwise Adagrad
   (as FBGEMM: "adjust only when iter > adjustment_iter"). Needs the Adagrad sum, so that
   state is only allocated when warm-up is configured.
@@ -44,7 +47,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from trainer.optim.names import COUNTER_FORMS, STEP_RULES, UB_MODES
+from trainer.optim.names import COUNTER_FORMS, STEP_RULES, UB_MODES, UB_ROWS
 
 # Only guards the division when ||g||^2 underflows; rows with g == 0 are handled explicitly,
 # so for every other row lambda is exact and the barrier constraint holds.
@@ -73,6 +76,7 @@ class RuleConfig:
     # False = plain main gradient (lambda = 1). docs/ALGORITHMS.md §3 edge case 2.
     lexico_apply_to_all: bool = True
     ub_mode: str = "fixed"            # "fixed": adjustment_ub | "table": adjustment_ub x the table's mean d^2
+    ub_rows: str = "arithmetic"       # how a step's rows are averaged into x_t: arithmetic | geometric
     shadow_suffix: str = "__shadow"
 
     def __post_init__(self) -> None:
@@ -86,6 +90,8 @@ class RuleConfig:
             raise ValueError("horizon must be >= 0")
         if self.ub_mode not in UB_MODES:
             raise ValueError(f"ub_mode {self.ub_mode!r} not in {UB_MODES}")
+        if self.ub_rows not in UB_ROWS:
+            raise ValueError(f"ub_rows {self.ub_rows!r} not in {UB_ROWS}")
 
     @property
     def warmup(self) -> bool:
@@ -128,7 +134,7 @@ def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
         adjustment_iter=int(cfg.adjustment_iter), lr_max=float(cfg.lr_max),
         lexico=bool(cfg.lexico), lexico_alpha=float(cfg.lexico_alpha),
         lexico_lambda_max=float(cfg.lexico_lambda_max), lexico_h_clip=float(cfg.lexico_h_clip),
-        ub_mode=str(getattr(cfg, "ub_mode", "fixed")),
+        ub_mode=str(getattr(cfg, "ub_mode", "fixed")), ub_rows=str(getattr(cfg, "ub_rows", "arithmetic")),
     )
     if hasattr(cfg, "lexico_apply_to_all"):
         kw["lexico_apply_to_all"] = bool(cfg.lexico_apply_to_all)
@@ -166,14 +172,17 @@ def cfsgd_lr(cfg: RuleConfig, counter: Tensor, step: int = 1, ub: Optional[Tenso
 
 
 def table_ub_update(cfg: RuleConfig, table_state: Dict[str, Tensor], d: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """ub_mode="table": fold this step's x_t = mean_rows mean_d(d^2) into the table's running mean.
-    Returns (ub, new table state); a step with no rows leaves the state as it is."""
-    if d.shape[0] == 0:
-        total, n = table_state["ub_sum"], table_state["ub_count"]
-        return cfg.adjustment_ub * total / n.clamp_min(1), dict(table_state)
-    x = d.double().square().mean()
-    total, n = table_state["ub_sum"] + x, table_state["ub_count"] + 1
-    return cfg.adjustment_ub * total / n, {"ub_sum": total, "ub_count": n}
+    """ub_mode="table": fold this step's x_t into the table's running mean; x_t = mean over the rows of
+    mean_d(d^2) (``ub_rows="arithmetic"``) or exp(mean over the rows with d != 0 of log mean_d(d^2))
+    ("geometric"). Returns (ub, new table state); a step with no (non-zero) rows leaves the state as it is."""
+    per_row = d.double().square().mean(1) if d.shape[0] else d.new_zeros(0, dtype=torch.float64)
+    if cfg.ub_rows == "geometric":
+        per_row = per_row[per_row > 0]
+    total, n = table_state["ub_sum"], table_state["ub_count"]
+    if per_row.shape[0]:
+        x = per_row.log().mean().exp() if cfg.ub_rows == "geometric" else per_row.mean()
+        total, n = total + x, n + 1
+    return cfg.adjustment_ub * total / n.clamp_min(1), {"ub_sum": total, "ub_count": n}
 
 
 def adagrad_update(cfg: RuleConfig, ssum: Tensor, direction: Tensor) -> Tuple[Tensor, Tensor]:

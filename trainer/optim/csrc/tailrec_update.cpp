@@ -27,6 +27,7 @@ struct Hyper {
   double lr, eps, halflife, ub, lr_max, alpha, lam_max, h_clip, loss;
   int64_t adj_iter, step;
   bool lexico, apply_all, table_ub;  // table_ub: ub = hp.ub x the table's running mean of mean_d(d^2)
+  bool ub_geometric;                 // a step's rows averaged geometrically (over rows with d != 0)
 };
 
 // Row reductions with 8 independent partial sums: a single running float sum is a chain of
@@ -227,11 +228,16 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
       float* g = gacc + (int64_t)u * D;
       const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
       lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
-      xs += (double)mean_sq<DT>(g, D);
-      ++nu;
+      const double m = (double)mean_sq<DT>(g, D);
+      if (hp.ub_geometric) {
+        if (m > 0) { xs += std::log(m); ++nu; }
+      } else {
+        xs += m;
+        ++nu;
+      }
     }
     double* st = in.ub_stat + 2 * t;
-    if (nu > 0) { st[0] += xs / (double)nu; st[1] += 1.0; }
+    if (nu > 0) { st[0] += hp.ub_geometric ? std::exp(xs / (double)nu) : xs / (double)nu; st[1] += 1.0; }
     ub = (float)(hp.ub * st[0] / std::max(st[1], 1.0));
   }
   constexpr int64_t PF = 8;  // prefetch distance (rows): hides the weight/state misses
@@ -267,7 +273,7 @@ std::vector<torch::Tensor> tailrec_update(
     torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
     torch::Tensor ada, torch::Tensor ub_stat, std::vector<double> hf, std::vector<int64_t> hi) {
   Hyper hp{hi[0], hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8],
-           hi[1], hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[6]};
+           hi[1], hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[6], (bool)hi[7]};
   TORCH_CHECK(!hp.table_ub || (ub_stat.dtype() == torch::kFloat64 && ub_stat.numel() == 2 * tab_dim.size(0)),
               "tailrec kernel: ub_mode=table needs a float64 [tables, 2] ub_stat");
   const int64_t F = feat_table.size(0), nb = offsets.size(0) - 1, B = F ? nb / F : 0;
