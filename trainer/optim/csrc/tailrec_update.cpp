@@ -22,11 +22,15 @@
 
 namespace {
 
+// Hyper-parameters, built by trainer/optim/kernel_params.py (SCALARS + loss scale, SWITCHES + mean
+// pooling, in that order) and by the op itself from the step and loss tensors (no host reads in Python).
 struct Hyper {
-  int64_t rule;       // 0 cfsgd, 1 rowwise_adagrad
-  double lr, eps, halflife, ub, lr_max, alpha, lam_max, h_clip, loss;
-  int64_t adj_iter, step;
-  bool lexico, apply_all;
+  double lr, eps, halflife, ub, horizon, lr_max, alpha, lam_max, h_clip;
+  int64_t adj_iter;
+  int64_t adagrad, hl_mode;
+  bool paper, has_lr_max, warmup, lexico, has_lam_max, h_clip_on, apply_all;
+  int64_t step;  // global step (already advanced for this backward)
+  double loss;   // main loss x scale (lexico only)
 };
 
 // Row reductions with 8 independent partial sums: a single running float sum is a chain of
@@ -60,7 +64,7 @@ __attribute__((always_inline)) inline float direction(const Hyper& hp, float* __
   if (use_h) {
     const float hn2 = dot<DT>(h, h, D);
     hg = dot<DT>(h, g, D);
-    if (hp.h_clip > 0) {
+    if (hp.h_clip_on) {
       float hn = std::sqrt(hn2), cap = (float)hp.h_clip * std::sqrt(gg);
       if (hn > cap) hs = cap / std::max(hn, 1e-30f);
     }
@@ -68,7 +72,8 @@ __attribute__((always_inline)) inline float direction(const Hyper& hp, float* __
   }
   float phi = (float)hp.alpha * std::min(gg, (float)std::max(hp.loss, 0.0));
   float lam = (phi - hg) / std::max(gg, 1e-30f);
-  lam = std::min(std::max(lam, 0.f), (float)hp.lam_max);
+  lam = std::max(lam, 0.f);
+  if (hp.has_lam_max) lam = std::min(lam, (float)hp.lam_max);
   if (!has_h && !hp.apply_all) lam = 1.f;
   if (use_h) for (int64_t k = 0; k < D; ++k) g[k] = hs * h[k] + lam * g[k];
   else for (int64_t k = 0; k < D; ++k) g[k] = lam * g[k];
@@ -83,22 +88,24 @@ __attribute__((always_inline)) inline float mean_sq(const float* __restrict__ d,
 template <int DT>
 __attribute__((always_inline)) inline float step_size(const Hyper& hp, int64_t key, const float* d, int64_t D,
                        float* counter, int32_t* last, float* ada) {
-  if (hp.rule == 1) {
+  if (hp.adagrad) {
     ada[key] += mean_sq<DT>(d, D);
     return (float)hp.lr / (std::sqrt(ada[key]) + (float)hp.eps);
   }
   float c = counter[key];
-  if (hp.halflife < 0) c += 1.f;
-  else if (hp.halflife == 0) c = 1.f;
+  if (hp.hl_mode == 0) c += 1.f;
+  else if (hp.hl_mode == 1) c = 1.f;
   else {
     int64_t delta = last[key] > 0 ? hp.step - last[key] : 1;
     c = 1.f + std::exp2(-(float)delta / (float)hp.halflife) * c;
     last[key] = (int32_t)hp.step;
   }
   counter[key] = c;
-  float eta = (float)hp.lr / (std::sqrt((float)hp.ub * c) + (float)hp.eps);
-  eta = std::min(eta, (float)hp.lr_max);
-  if (ada) {
+  // paper form: ub -> ub * T / t (c T / t = T / p_hat), rules.cfsgd_lr
+  const double ub = hp.paper ? hp.ub * (hp.horizon / (double)std::max<int64_t>(hp.step, 1)) : hp.ub;
+  float eta = (float)hp.lr / (std::sqrt((float)ub * c) + (float)hp.eps);
+  if (hp.has_lr_max) eta = std::min(eta, (float)hp.lr_max);
+  if (hp.warmup) {
     ada[key] += mean_sq<DT>(d, D);
     if (hp.step <= hp.adj_iter) eta = (float)hp.lr / (std::sqrt(ada[key]) + (float)hp.eps);
   }
@@ -245,9 +252,15 @@ std::vector<torch::Tensor> tailrec_update(
     torch::Tensor feat_table, torch::Tensor feat_shadow, torch::Tensor feat_col,
     torch::Tensor tab_row_off, torch::Tensor tab_w_off, torch::Tensor tab_dim,
     torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
-    torch::Tensor ada, std::vector<double> hf, std::vector<int64_t> hi) {
-  Hyper hp{hi[0], hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8],
-           hi[1], hi[2], (bool)hi[3], (bool)hi[4]};
+    torch::Tensor ada, torch::Tensor step, torch::Tensor loss, std::vector<double> hf, std::vector<int64_t> hi) {
+  TORCH_CHECK(hf.size() == 11 && hi.size() == 10, "tailrec_update: hyper-parameter lists do not match the op");
+  Hyper hp{hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8], (int64_t)hf[9],
+           hi[0], hi[1], (bool)hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[5], (bool)hi[6], (bool)hi[7], (bool)hi[8],
+           step.data_ptr<int64_t>()[0], 0.0};
+  if (hp.lexico) {
+    TORCH_CHECK(loss.numel() == 1, "tailrec_update: lexico needs the main loss tensor");
+    hp.loss = (double)loss.data_ptr<float>()[0] * hf[10];
+  }
   const int64_t F = feat_table.size(0), nb = offsets.size(0) - 1, B = F ? nb / F : 0;
   const int64_t T = tab_dim.size(0);
   const int64_t *ft = feat_table.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
@@ -255,7 +268,7 @@ std::vector<torch::Tensor> tailrec_update(
   const int64_t* dim = tab_dim.data_ptr<int64_t>();
   Inputs in{indices.data_ptr<int64_t>(), off, psw.numel() ? psw.data_ptr<float>() : nullptr,
             grad.data_ptr<float>(), grad.size(1), B, feat_col.data_ptr<int64_t>(),
-            feat_shadow.data_ptr<bool>(), hi[5] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
+            feat_shadow.data_ptr<bool>(), hi[9] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
             counter.numel() ? counter.data_ptr<float>() : nullptr,
             last_step.numel() ? last_step.data_ptr<int32_t>() : nullptr,
             ada.numel() ? ada.data_ptr<float>() : nullptr};
