@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCHREC := torchrec==1.8.0
 RUN ?= runs/demo
 
-.PHONY: setup system-deps demo test test-fast bench bench-data bench-kernel bench-train clean
+.PHONY: setup system-deps demo test test-fast test-gpu gpu-check bench bench-data bench-kernel bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[cpu,dev]'
 	# torchrec pins the CUDA fbgemm-gpu; its real needs are in pyproject's dependencies.
 	$(BIN)/pip install -q --no-deps $(TORCHREC)
+	# the CPU op of our fused optimizer, compiled now rather than inside the first training run
+	$(BIN)/python -m trainer.optim.build_ext
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,6 +34,13 @@ test: $(STAMP)
 # in-process tests only: no torchrun, torchx, scrapes or kill runs (a few minutes on 2 cores)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -m "not dist and not ops"
+
+# GPU lane: CUDA-only tests (they skip without a device); gpu-check = these + the GPU kernel bench
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest tests -m gpu
+
+gpu-check: $(STAMP)
+	bash deploy/gpu_check.sh
 
 bench-data: $(STAMP)
 	$(BIN)/tailrec bench data
