@@ -4,6 +4,7 @@ same data and plan, side by side in one run.
 
     torchrun --nproc_per_node {1,2} -m trainer.experiments.bench_kernel [--rows N --batch B ...]
     python -m trainer.experiments.bench_kernel            # one rank without torchrun
+    python -m trainer.experiments.bench_kernel --device cuda   # GPUs (NCCL; our kernel runs Triton)
 
 Ids are Zipf-like (log-uniform over the table: p(k) ~ 1/k), bag sizes uniform in [0, 2L).
 Rounds of all variants are interleaved; the median shows typical cost, the best round the cost
@@ -44,6 +45,8 @@ def _args(argv: List[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: one GPU per rank (LOCAL_RANK), NCCL, our kernel's Triton path")
     return p.parse_args(argv)
 
 
@@ -66,7 +69,7 @@ def _tables(a, shadow: bool):
             for i in range(a.tables)]
 
 
-def _batches(a, rank: int, shadow: bool, n: int = 4):
+def _batches(a, rank: int, shadow: bool, device: torch.device, n: int = 4):
     from torchrec import KeyedJaggedTensor
 
     out = []
@@ -79,11 +82,12 @@ def _batches(a, rank: int, shadow: bool, n: int = 4):
             feats = [f"f{i}"] + ([f"f{i}__shadow"] if shadow and i < SHADOW_TABLES else [])
             for f in feats:  # the shadow lookup repeats the batch's ids (transfer rows from the batch)
                 keys.append(f), lengths.append(ln), values.append(v)
-        out.append(KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)))
+        out.append(KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values),
+                                                       lengths=torch.cat(lengths)).to(device))
     return out
 
 
-def _build(a, kw: Dict, shadow: bool, lexico: Optional[str]):
+def _build(a, kw: Dict, shadow: bool, lexico: Optional[str], device: torch.device = torch.device("cpu")):
     """lexico "transfer": on the tables with a shadow feature only (what trainer.transfer_wiring
     does: the transfer tables get lexico, the others keep the plain rule); "all": every table."""
     from trainer.config import EmbeddingConfig, EmbOptimConfig, TableConfig
@@ -95,7 +99,7 @@ def _build(a, kw: Dict, shadow: bool, lexico: Optional[str]):
     cfg = EmbeddingConfig(dim=a.dim, sharding_type=a.sharding, optimizer=EmbOptimConfig(lr=0.01, **kw),
                           tables=per_table)
     tables = _tables(a, shadow)
-    return shard_model(_Wrap(tables), cfg, tables, dist.group.WORLD, torch.device("cpu")).dmp
+    return shard_model(_Wrap(tables), cfg, tables, dist.group.WORLD, device).dmp
 
 
 def _step(dmp, kjt, lexico: bool) -> None:
@@ -109,14 +113,20 @@ def _step(dmp, kjt, lexico: bool) -> None:
     (main + 0.1 * sum(tr) / kjt.stride() if tr else main).backward()
 
 
-def _time(dmp, batches, a, lexico: bool) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)   # the clock reads finished work, not queued work
+    dist.barrier()
+
+
+def _time(dmp, batches, a, lexico: bool, device: torch.device) -> float:
     for s in range(a.warmup):
         _step(dmp, batches[s % len(batches)], lexico)
-    dist.barrier()
+    _sync(device)
     t0 = time.perf_counter()
     for s in range(a.steps):
         _step(dmp, batches[s % len(batches)], lexico)
-    dist.barrier()
+    _sync(device)
     return (time.perf_counter() - t0) / a.steps * 1e3
 
 
@@ -132,24 +142,27 @@ def _state_bytes(kw: Dict, dim: int) -> int:
 def main(argv: List[str] | None = None) -> int:
     a = _args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if not dist.is_initialized():  # 1 rank by hand (free port), or a torchrun rank
-        from trainer.dist import init_distributed
+    from trainer.dist import init_distributed
 
-        init_distributed("cpu")
+    env = init_distributed(a.device)   # 1 rank by hand (free port), or a torchrun rank; NCCL on cuda
+    device = env.device
     from trainer.optim import kernel
 
-    kernel.load_extension()
+    if device.type == "cpu":
+        kernel.load_extension()
     rank, world = dist.get_rank(), dist.get_world_size()
-    models = {n: _build(a, kw, sh, lex) for n, (kw, sh, lex) in VARIANTS.items()}
-    data = {sh: _batches(a, rank, sh) for sh in (False, True)}
+    models = {n: _build(a, kw, sh, lex, device) for n, (kw, sh, lex) in VARIANTS.items()}
+    data = {sh: _batches(a, rank, sh, device) for sh in (False, True)}
     res: Dict[str, List[float]] = {n: [] for n in models}
     for _ in range(a.rounds):  # interleaved rounds expose machine noise
         for n, dmp in models.items():
             _, sh, lex = VARIANTS[n]
-            res[n].append(_time(dmp, data[sh], a, lexico=lex is not None))
+            res[n].append(_time(dmp, data[sh], a, lexico=lex is not None, device=device))
     if rank == 0:
-        print(f"world={world} sharding={a.sharding} tables={a.tables}x{a.rows}x{a.dim} batch/rank={a.batch} "
-              f"ids/rank/step~{data[False][0].values().numel()} ext={'yes' if kernel._EXT else 'no'}")
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(f"world={world} device={where} sharding={a.sharding} tables={a.tables}x{a.rows}x{a.dim} "
+              f"batch/rank={a.batch} ids/rank/step~{data[False][0].values().numel()} "
+              f"our backward={kernel.backend(device)}")
         med = {n: statistics.median(v) for n, v in res.items()}
         best = {n: min(v) for n, v in res.items()}
         print("| optimizer | ms/step median of rounds | best round | vs fbgemm exact_sgd (median / best) | rounds | state bytes/row |")

@@ -14,11 +14,13 @@
 //  1. accumulate: each lookup adds w * grad[bag] into the accumulator of its row; a persistent
 //     int32 slot per local row maps row -> accumulator (first-appearance order, no hashing, no
 //     sort). The table's accumulators stay in cache while the table is processed.
-//  2. update in row order: for a dense batch (many uniques) a scan of the table's slots, for a
-//     sparse one a sort of the unique rows. Row order makes the weight/state traffic nearly
-//     sequential for long-tail ids (most touched rows are low ids), which is what a sort buys
-//     FBGEMM; the scan also resets the slots.
-// The per-row maths (direction, step size) is the float32 twin of rules.py.
+//  2. update in row order: a walk over a bitmap of touched rows (a sort of the unique rows when
+//     very sparse). Row order makes the weight/state traffic nearly sequential for long-tail ids
+//     (most touched rows are low ids), which is what a sort buys FBGEMM; the walk also resets
+//     the slots.
+// The per-row maths (direction, step size) is the float32 twin of rules.py. The per-table code is
+// compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones), so a
+// build made on one machine (the Docker image) runs on any x86-64 CPU.
 
 namespace {
 
@@ -33,16 +35,76 @@ struct Hyper {
   double loss;   // main loss x scale (lexico only)
 };
 
+// Row arithmetic on 8-float vectors (GCC vector extension, unaligned through memcpy) when the
+// dimension is a known multiple of 8: the compiler does not vectorise the plain loops here (it
+// fully unrolls them into scalar code), and these lower to AVX-512 / AVX2 / SSE per clone below.
+typedef float v8f __attribute__((vector_size(32)));
+__attribute__((always_inline)) inline v8f ld8(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
+__attribute__((always_inline)) inline void st8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+template <int DT>
+constexpr bool kVec = DT > 0 && DT % 8 == 0;
+
+// y += a * x
+template <int DT>
+__attribute__((always_inline)) inline void axpy(float* __restrict__ y, float a, const float* __restrict__ x, int64_t Drt) {
+  if constexpr (kVec<DT>) {
+    for (int k = 0; k < DT; k += 8) st8(y + k, ld8(y + k) + a * ld8(x + k));
+  } else {
+    const int64_t D = DT > 0 ? DT : Drt;
+    for (int64_t k = 0; k < D; ++k) y[k] += a * x[k];
+  }
+}
+
+// y = a * x + b * y
+template <int DT>
+__attribute__((always_inline)) inline void axpby(float* __restrict__ y, float a, const float* __restrict__ x, float b,
+                                                 int64_t Drt) {
+  if constexpr (kVec<DT>) {
+    for (int k = 0; k < DT; k += 8) st8(y + k, a * ld8(x + k) + b * ld8(y + k));
+  } else {
+    const int64_t D = DT > 0 ? DT : Drt;
+    for (int64_t k = 0; k < D; ++k) y[k] = a * x[k] + b * y[k];
+  }
+}
+
+// y *= a
+template <int DT>
+__attribute__((always_inline)) inline void scale(float* __restrict__ y, float a, int64_t Drt) {
+  if constexpr (kVec<DT>) {
+    for (int k = 0; k < DT; k += 8) st8(y + k, a * ld8(y + k));
+  } else {
+    const int64_t D = DT > 0 ? DT : Drt;
+    for (int64_t k = 0; k < D; ++k) y[k] *= a;
+  }
+}
+
+template <int DT>
+__attribute__((always_inline)) inline void zero(float* __restrict__ y, int64_t Drt) {
+  if constexpr (kVec<DT>) {
+    const v8f z = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < DT; k += 8) st8(y + k, z);
+  } else {
+    std::memset(y, 0, sizeof(float) * (DT > 0 ? DT : Drt));
+  }
+}
+
 // Row reductions with 8 independent partial sums: a single running float sum is a chain of
 // dependent adds (the lexico norms cost more than the rest of the row otherwise), and this
 // order is still deterministic. D % 8 != 0 falls back to a scalar tail.
 template <int DT>
-__attribute__((always_inline)) inline float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t Drt) {
+__attribute__((always_inline)) inline float dot(const float* x, const float* y, int64_t Drt) {
   const int64_t D = DT > 0 ? DT : Drt;
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   const int64_t D8 = D - D % 8;
-  for (int64_t k = 0; k < D8; k += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += x[k + j] * y[k + j];
+  if constexpr (kVec<DT>) {
+    v8f a = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int k = 0; k < DT; k += 8) a += ld8(x + k) * ld8(y + k);
+    std::memcpy(acc, &a, sizeof a);
+  } else {
+    for (int64_t k = 0; k < D8; k += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += x[k + j] * y[k + j];
+  }
   float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   for (int64_t k = D8; k < D; ++k) s += x[k] * y[k];
   return s;
@@ -54,7 +116,7 @@ __attribute__((always_inline)) inline float direction(const Hyper& hp, float* __
                        int64_t Drt) {
   const int64_t D = DT > 0 ? DT : Drt;
   if (!hp.lexico) {
-    if (h) for (int64_t k = 0; k < D; ++k) g[k] += h[k];
+    if (h) axpy<DT>(g, 1.f, h, D);
     return 0.f;
   }
   const float gg = dot<DT>(g, g, D);
@@ -75,8 +137,8 @@ __attribute__((always_inline)) inline float direction(const Hyper& hp, float* __
   lam = std::max(lam, 0.f);
   if (hp.has_lam_max) lam = std::min(lam, (float)hp.lam_max);
   if (!has_h && !hp.apply_all) lam = 1.f;
-  if (use_h) for (int64_t k = 0; k < D; ++k) g[k] = hs * h[k] + lam * g[k];
-  else for (int64_t k = 0; k < D; ++k) g[k] = lam * g[k];
+  if (use_h) axpby<DT>(g, hs, h, lam, D);
+  else scale<DT>(g, lam, D);
   return lam;
 }
 
@@ -130,17 +192,20 @@ struct Scratch {
   std::vector<float> gacc, hacc;
   std::vector<int32_t> hslot;
   std::vector<int64_t> urow;
+  std::vector<uint64_t> bits;  // touched rows of the current table, one bit per row; all zero between tables
 };
 thread_local Scratch scratch;
 
 template <int DT>
-void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& feats, int64_t rows,
+__attribute__((always_inline)) inline void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& feats, int64_t rows,
                int64_t rof, int64_t wof, int64_t Drt, int64_t n_ids, TableOut& out) {
   const int64_t D = DT > 0 ? DT : Drt;
   Scratch& s = scratch;
   const int64_t max_u = std::min(n_ids, rows);
   if ((int64_t)s.urow.size() < max_u) { s.urow.resize(max_u); s.hslot.resize(max_u); }
   if ((int64_t)s.gacc.size() < max_u * D) s.gacc.resize(max_u * D);
+  const int64_t n_words = (rows + 63) / 64;
+  if ((int64_t)s.bits.size() < n_words) s.bits.resize(n_words, 0);
   bool any_h = false;
   for (int64_t f : feats) any_h |= in.fs[f];
   if (any_h && (int64_t)s.hacc.size() < max_u * D) s.hacc.resize(max_u * D);
@@ -150,6 +215,7 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
   float* __restrict__ hacc = any_h ? s.hacc.data() : nullptr;
   int64_t* __restrict__ urow = s.urow.data();
   int32_t* __restrict__ hslot = s.hslot.data();  // per unique row: its transfer accumulator, -1 = none
+  uint64_t* __restrict__ bits = s.bits.data();
   const int64_t* __restrict__ idx = in.idx;
   const int64_t* __restrict__ off = in.off;
   const float* __restrict__ pw = in.pw;
@@ -181,40 +247,49 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
           u = (int32_t)U++;
           sl[r] = u;
           urow[u] = r; hslot[u] = -1;
-          std::memset(gacc + (int64_t)u * D, 0, sizeof(float) * D);
+          bits[r >> 6] |= uint64_t(1) << (r & 63);
+          zero<DT>(gacc + (int64_t)u * D, D);
         }
         const float w = bag_scale * (pw ? pw[i] : 1.f);
         float* __restrict__ dst;
         if (shadow) {
           if (hslot[u] < 0) {
             hslot[u] = (int32_t)H++;
-            std::memset(hacc + (int64_t)hslot[u] * D, 0, sizeof(float) * D);
+            zero<DT>(hacc + (int64_t)hslot[u] * D, D);
           }
           dst = hacc + (int64_t)hslot[u] * D;
         } else {
           dst = gacc + (int64_t)u * D;
           if (any_h) has_main[u] = 1;
         }
-#pragma GCC ivdep
-        for (int64_t d = 0; d < D; ++d) dst[d] += w * gr[d];
+        axpy<DT>(dst, w, gr, D);
       }
     }
   }
   // Tables before this one (in this call) are already updated: the op is not atomic over tables.
   // The forward's embedding_bag rejects such ids first, so this is a guard, not a recovery path.
   if (bad_pos >= 0) {  // leave the slots clean so the module stays usable, then report
-    for (int64_t u = 0; u < U; ++u) sl[urow[u]] = -1;
+    for (int64_t u = 0; u < U; ++u) { sl[urow[u]] = -1; bits[urow[u] >> 6] = 0; }
     out.error = "embedding index " + std::to_string(bad_row) + " out of range [0, " + std::to_string(rows) +
                 ") at position " + std::to_string(bad_pos) + " of the local indices";
     return;
   }
-  // rows in increasing order: a scan of the slots when dense, a sort when sparse
-  if (U * 8 >= rows) {
+  // rows in increasing order: a walk over the touched-row bitmap (64 rows per word) unless the batch
+  // is so sparse that sorting the few touched rows is cheaper; both leave the bitmap zeroed
+  if (n_words <= 4 * U) {
     int64_t j = 0;
-    for (int64_t r = 0; r < rows; ++r)
-      if (sl[r] >= 0) urow[j++] = r;
+    for (int64_t w = 0; w < n_words; ++w) {
+      uint64_t x = bits[w];
+      if (!x) continue;
+      bits[w] = 0;
+      while (x) {
+        urow[j++] = w * 64 + __builtin_ctzll(x);
+        x &= x - 1;
+      }
+    }
   } else {
     std::sort(urow, urow + U);
+    for (int64_t u = 0; u < U; ++u) bits[urow[u] >> 6] = 0;
   }
   out.keys.resize(U); out.lam.assign(U, 0.f); out.upd.assign(U, 0);
   int64_t* __restrict__ keys = out.keys.data();
@@ -240,9 +315,27 @@ void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& fe
     lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
     const float eta = step_size<DT>(hp, rof + r, g, D, in.cnt, in.last, in.ada);
     float* __restrict__ w = W + r * D;
-    for (int64_t d = 0; d < D; ++d) w[d] -= eta * g[d];
+    axpy<DT>(w, -eta, g, D);
     updo[j] = 1;
   }
+}
+
+// One entry per dimension we specialise (the compiler unrolls the row loops), cloned per ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TAILREC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TAILREC_CLONES
+#endif
+TAILREC_CLONES
+void run_table_any(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& feats, int64_t rows,
+                   int64_t rof, int64_t wof, int64_t D, int64_t n_ids, TableOut& out) {
+#define TAILREC_CASE(DD) case DD: run_table<DD>(hp, in, feats, rows, rof, wof, DD, n_ids, out); break;
+  switch (D) {
+    TAILREC_CASE(4) TAILREC_CASE(8) TAILREC_CASE(16) TAILREC_CASE(20) TAILREC_CASE(32)
+    TAILREC_CASE(36) TAILREC_CASE(64) TAILREC_CASE(68) TAILREC_CASE(128) TAILREC_CASE(132)
+    default: run_table<0>(hp, in, feats, rows, rof, wof, D, n_ids, out);
+  }
+#undef TAILREC_CASE
 }
 
 }  // namespace
@@ -284,13 +377,7 @@ std::vector<torch::Tensor> tailrec_update(
     for (int64_t t = b; t < e; ++t) {
       if (feats[t].empty() || n_ids[t] == 0) continue;
       const int64_t rows = (t + 1 < T ? rof[t + 1] : total_rows) - rof[t];
-#define TAILREC_CASE(DD) case DD: run_table<DD>(hp, in, feats[t], rows, rof[t], wof[t], DD, n_ids[t], outs[t]); break;
-      switch (dim[t]) {
-        TAILREC_CASE(4) TAILREC_CASE(8) TAILREC_CASE(16) TAILREC_CASE(20) TAILREC_CASE(32)
-        TAILREC_CASE(36) TAILREC_CASE(64) TAILREC_CASE(68) TAILREC_CASE(128) TAILREC_CASE(132)
-        default: run_table<0>(hp, in, feats[t], rows, rof[t], wof[t], dim[t], n_ids[t], outs[t]);
-      }
-#undef TAILREC_CASE
+      run_table_any(hp, in, feats[t], rows, rof[t], wof[t], dim[t], n_ids[t], outs[t]);
     }
   });
   int64_t U = 0;
