@@ -253,7 +253,9 @@ class TailrecTBE(nn.Module):
             ml = self.main_loss if isinstance(self.main_loss, MainLoss) else MainLoss(
                 torch.tensor([float(self.main_loss)], dtype=torch.float32, device=self.weights.device))
             loss, scale = ml.tensor(), ml.scale
-        grad = grad.float().contiguous()
+        grad = grad.float()
+        if grad.dim() != 2 or grad.stride(1) != 1:
+            grad = grad.contiguous()   # a column slice (TorchRec splits one output among kernels) is used in place
         if self.backend == "cpp":
             ext = load_extension()
             assert ext is not None, "TAILREC_KERNEL=cpp but the C++ op does not build (see the warning above)"
@@ -330,7 +332,9 @@ class TailrecTBE(nn.Module):
         cols = torch.arange(dmax, device=dev)
         dim_l = m.dim.index_select(0, seg.table.long())
         cmask = cols.unsqueeze(0) < dim_l.unsqueeze(1)
-        flat = grad.reshape(-1)
+        # flat view over the rows of grad, which may be a column slice (row stride > width)
+        flat = torch.as_strided(grad, ((grad.shape[0] - 1) * grad.stride(0) + grad.shape[1],), (1,)) if grad.numel() \
+            else grad.reshape(-1)
         contrib = flat[torch.where(cmask, seg.gaddr.unsqueeze(1) + cols, 0)] * cmask * seg.weight.unsqueeze(1)
         main = (seg.shadow == 0).unsqueeze(1).to(contrib.dtype)
         g = contrib.new_zeros(n, dmax).index_add_(0, segid, contrib * main)

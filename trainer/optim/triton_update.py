@@ -178,7 +178,7 @@ def update(seg: Segments, grad: Tensor, row_off: Tensor, w_off: Tensor, dim: Ten
     loss_t = loss if loss is not None else empty_f
     grid = (triton.cdiv(n, rows_per_prog),)
     _update_rows_kernel[grid](
-        seg.key, seg.gaddr, seg.weight, seg.shadow, seg.table, seg.seg_start, seg.num_rows, grad.contiguous(),
+        seg.key, seg.gaddr, seg.weight, seg.shadow, seg.table, seg.seg_start, seg.num_rows, grad,
         row_off, w_off, dim, weights, cnt, last, ada, step, loss_t, float(loss_scale),
         out_key, out_lam, out_upd, **scalars, **switches, HAS_SHADOW=int(has_shadow),
         ROWS_PER_PROG=rows_per_prog, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(max(max_dim, 1)))

@@ -347,6 +347,9 @@ std::vector<torch::Tensor> tailrec_update(
     torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
     torch::Tensor ada, torch::Tensor step, torch::Tensor loss, std::vector<double> hf, std::vector<int64_t> hi) {
   TORCH_CHECK(hf.size() == 11 && hi.size() == 10, "tailrec_update: hyper-parameter lists do not match the op");
+  // grad may be a column slice of a wider gradient (TorchRec splits one output among kernels): rows
+  // are read through its row stride, so it is used in place
+  TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "tailrec_update: grad rows must be contiguous");
   Hyper hp{hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8], (int64_t)hf[9],
            hi[0], hi[1], (bool)hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[5], (bool)hi[6], (bool)hi[7], (bool)hi[8],
            step.data_ptr<int64_t>()[0], 0.0};
@@ -360,7 +363,7 @@ std::vector<torch::Tensor> tailrec_update(
   const int64_t *rof = tab_row_off.data_ptr<int64_t>(), *wof = tab_w_off.data_ptr<int64_t>();
   const int64_t* dim = tab_dim.data_ptr<int64_t>();
   Inputs in{indices.data_ptr<int64_t>(), off, psw.numel() ? psw.data_ptr<float>() : nullptr,
-            grad.data_ptr<float>(), grad.size(1), B, feat_col.data_ptr<int64_t>(),
+            grad.data_ptr<float>(), grad.stride(0), B, feat_col.data_ptr<int64_t>(),
             feat_shadow.data_ptr<bool>(), hi[9] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
             counter.numel() ? counter.data_ptr<float>() : nullptr,
             last_step.numel() ? last_step.data_ptr<int32_t>() : nullptr,
