@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCHREC := torchrec==1.8.0
 RUN ?= runs/demo
+# pyproject extras: cpu,dev (default) or gpu,dev (CUDA torch + fbgemm-gpu; deploy/gpu_check.sh)
+EXTRAS ?= cpu,dev
 
 .PHONY: setup system-deps demo test test-fast test-gpu gpu-check bench bench-data bench-kernel bench-train clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	# torchrec pins the CUDA fbgemm-gpu; its real needs are in pyproject's dependencies.
 	$(BIN)/pip install -q --no-deps $(TORCHREC)
 	# the CPU op of our fused optimizer, compiled now rather than inside the first training run

@@ -159,6 +159,9 @@ def main(argv: List[str] | None = None) -> int:
 
     env = init_distributed(a.device)   # 1 rank by hand (free port), or a torchrun rank; NCCL on cuda
     device = env.device
+    from trainer.logs import setup_logging
+
+    setup_logging(env.rank)   # our quiet levels: known-benign library warnings hidden, one rank talking
     from trainer.optim import kernel
 
     if device.type == "cpu":
