@@ -42,7 +42,7 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest tests -m gpu
 
 gpu-check: $(STAMP)
-	bash deploy/gpu_check.sh
+	PY=$(BIN)/python bash deploy/gpu_check.sh
 
 bench-data: $(STAMP)
 	$(BIN)/tailrec bench data
