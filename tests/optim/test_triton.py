@@ -131,3 +131,15 @@ def test_a_column_slice_of_a_wider_gradient_is_read_in_place(backend, monkeypatc
     assert not wide[:, 3:3 + width].is_contiguous()
     torch.testing.assert_close(sliced.weights, copied.weights, rtol=0, atol=0)
     assert not torch.equal(sliced.weights, build(cfg, "sum", torch.device("cpu")).weights)
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    from trainer.optim import triton_update
+
+    monkeypatch.setenv("TAILREC_KERNEL", "triton")
+    monkeypatch.setattr(triton_update, "interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        build(CONFIGS["cfsgd"], "sum", torch.device("cpu"))
+    monkeypatch.setenv("TAILREC_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="TAILREC_KERNEL='cuda' is not one of"):
+        build(CONFIGS["cfsgd"], "sum", torch.device("cpu"))

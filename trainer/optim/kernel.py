@@ -174,7 +174,10 @@ class TailrecTBE(nn.Module):
         # build/load the compiled op now, not inside the first (timed) training step
         self.backend = backend(self._placeholder.device)
         if self.backend == "triton":
-            _triton(required=True)
+            tu = _triton(required=True)
+            if self._placeholder.device.type != "cuda" and not tu.interpreted():
+                raise RuntimeError("TAILREC_KERNEL=triton off CUDA runs only in Triton's interpreter: set "
+                                   "TRITON_INTERPRET=1 before trainer.optim.triton_update is imported")
         self.main_loss: Optional[Any] = None  # MainLoss (set_main_loss), or a float (tests)
         self._stats: Dict[str, Optional[Tensor]] = {}
         self._meta: Optional[FeatureMeta] = None
