@@ -3,6 +3,7 @@ Triton in its interpreter, 2 gloo ranks): the script runs end to end and prints 
 must report: the Triton-vs-float64 tests, then ours and FBGEMM's optimizers side by side at 1 and
 2 ranks."""
 import os
+import sys
 import re
 import subprocess
 
@@ -16,7 +17,7 @@ NEEDED = ("cfsgd (ours)", "cfsgd + transfer + lexico (ours)", "fbgemm exact_sgd"
 
 
 def test_gpu_check_script_runs_in_cpu_mode(tmp_path):
-    env = {**launch.subprocess_env(threads=1), "OUT": str(tmp_path), "PY": os.sys.executable}
+    env = {**launch.subprocess_env(threads=1), "OUT": str(tmp_path), "PY": sys.executable}
     r = subprocess.run(["bash", "deploy/gpu_check.sh", "--cpu"], cwd=launch.REPO, env=env, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

@@ -12,16 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from tests.optim.test_kernel import CONFIGS, loss_of, make_batch, split_out  # noqa: E402
-from tests.optim.test_triton import build  # noqa: E402
-from trainer.optim.kernel import MainLoss, load_extension  # noqa: E402
+from tests.optim.test_kernel import CONFIGS, loss_of, make_batch, split_out
+from tests.optim.test_triton import build
+from trainer.optim.kernel import MainLoss, load_extension
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")

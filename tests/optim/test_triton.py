@@ -1,19 +1,14 @@
 """The Triton update kernel (trainer/optim/triton_update.py) against the float64 formulas of
 tests/optim/reference.py, for every rule, sum/mean pooling, per-sample weights, lexico on/off and
 h-clip (the CONFIGS of test_kernel.py). Without a GPU it runs in Triton's interpreter on CPU
-tensors (TRITON_INTERPRET=1, set below before the kernel module is imported); with one, on CUDA.
+tensors (TRITON_INTERPRET=1, set by tests/conftest.py before anything imports Triton); with one, on CUDA.
 Batches are tiny: the interpreter runs every program in Python."""
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from tests.optim.test_kernel import B, CONFIGS, DIMS, FEATS, ROWS, loss_of, make_batch, reference_step, split_out  # noqa: E402
-from trainer.optim import kernel, segments  # noqa: E402
+from tests.optim.test_kernel import B, CONFIGS, DIMS, FEATS, ROWS, loss_of, make_batch, reference_step, split_out
+from trainer.optim import kernel, segments
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

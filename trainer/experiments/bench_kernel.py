@@ -47,6 +47,9 @@ def _args(argv: List[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", default="", help="comma-separated substrings: run only the variants whose name has one "
                    "(fbgemm exact_sgd and the three lexico-comparison rows are always kept)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS steps (torch.profiler, self CPU time per op) of the transfer step with and "
+                        "without lexico, and print where they differ")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: one GPU per rank (LOCAL_RANK), NCCL, our kernel's Triton path")
     return p.parse_args(argv)
@@ -144,6 +147,29 @@ def _state_bytes(kw: Dict, dim: int) -> int:
     return rule_config_from(cfg).state_bytes_per_row() if cfg.name in STEP_RULES else fbgemm.state_bytes_per_row(cfg, dim)
 
 
+def _profile(models, data, a, steps: int) -> None:
+    """Self CPU time per op and step: the transfer step without lexico (d = g + h) vs with it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = ("cfsgd + transfer, d = g + h (ours)", "cfsgd + transfer + lexico (ours)")
+    per = []
+    for n in names:
+        _, sh, lex = VARIANTS[n]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for s in range(steps):
+                _step(models[n], data[sh][s % len(data[sh])], lex is not None)
+        per.append({e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()})
+    base, lex = per
+    print(f"profile, self CPU ms/step over {steps} steps: without lexico {sum(v[0] for v in base.values()):.1f}, "
+          f"with lexico {sum(v[0] for v in lex.values()):.1f}; the ops that differ most:")
+    print("| op | d = g + h: ms/step (calls) | lexico: ms/step (calls) |")
+    print("|---|---|---|")
+    diff = sorted(set(base) | set(lex), key=lambda k: -abs(lex.get(k, (0, 0))[0] - base.get(k, (0, 0))[0]))
+    for k in diff[:10]:
+        b, x = base.get(k, (0.0, 0.0)), lex.get(k, (0.0, 0.0))
+        print(f"| {k[:70]} | {b[0]:.2f} ({b[1]:g}) | {x[0]:.2f} ({x[1]:g}) |")
+
+
 def _lexico_lines(med: Dict[str, float], best: Dict[str, float], prefix: str) -> None:
     keys = ("cfsgd (ours)", "cfsgd + transfer, d = g + h (ours)", "cfsgd + transfer + lexico (ours)")
     for label, m in (("median", med), ("best round", best)):
@@ -202,6 +228,9 @@ def main(argv: List[str] | None = None) -> int:
             print(f"| {n} | {cmed[n]:.1f} ({min(v):.1f}-{max(v):.1f}) | {cmed[n] / cmed['fbgemm exact_sgd']:.2f}x / "
                   f"{cbest[n] / cbest['fbgemm exact_sgd']:.2f}x | {', '.join(f'{x:.1f}' for x in v)} |")
         _lexico_lines(cmed, cbest, "CPU time, ")
+    if a.profile and world == 1 and all(k in models for k in ("cfsgd + transfer, d = g + h (ours)",
+                                                              "cfsgd + transfer + lexico (ours)")):
+        _profile(models, data, a, a.profile)
     dist.destroy_process_group()
     return 0
 
