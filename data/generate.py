@@ -124,7 +124,7 @@ def _calibrate(z: np.ndarray, target: float) -> float:
 
 ML_DEFAULTS = dict(dim=8, clusters=6, atypical_frac=0.03, movie_zipf=1.1, movie_shift=15.0, user_zipf=0.7,
                    twin_frac=0.06, loner_frac=0.04, parent_frac=0.05, tail_start=0.5,
-                   noise=0.6, pos_rate=0.448)
+                   noise=0.6, pos_rate=0.448, logit_scale=1.0)
 
 
 def _ml_users(rng: np.random.Generator, n: int, p: dict) -> dict:
@@ -218,8 +218,9 @@ class _MLWorld:
         return u, m
 
     def _logits(self, u: np.ndarray, m: np.ndarray) -> np.ndarray:
-        return (np.einsum("nd,nd->n", self.u_vec[u], self.m["vec"][m]) + self.u_bias[u]
-                + self.m["bias"][m] + self.b0)
+        # logit_scale < 1 weakens the signal (a harder world, closer to real MovieLens AUCs)
+        return (self.p["logit_scale"] * (np.einsum("nd,nd->n", self.u_vec[u], self.m["vec"][m])
+                                         + self.u_bias[u] + self.m["bias"][m]) + self.b0)
 
     def ratings(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
         u, m = self._pairs(rng, n)

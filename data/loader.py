@@ -344,6 +344,12 @@ class ParquetLoader:
     def num_batches(self) -> int:
         return self._plan.num_batches
 
+    @property
+    def first_row(self) -> int:
+        """Index (in the split's file order) of this rank's first row; without shuffle, its i-th real
+        example is row ``first_row + i``."""
+        return self._plan.start
+
     def __len__(self) -> int:
         return self._plan.num_batches
 

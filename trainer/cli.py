@@ -21,7 +21,7 @@ def _train(args, overrides: list[str]) -> int:
 def _evaluate(args, overrides: list[str]) -> int:
     from trainer.evaluate_checkpoint import run_evaluate
 
-    return run_evaluate(args.checkpoint, args.split, args.config, overrides)
+    return run_evaluate(args.checkpoint, args.split, args.config, overrides, predictions=args.predictions)
 
 
 def _demo(args, overrides: list[str]) -> int:
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", default="test", choices=["train", "valid", "test"])
     e.add_argument("--config", default=None, help="default: the config saved with the run")
+    e.add_argument("--predictions", default=None, metavar="FILE",
+                   help="also write per-example predictions as Parquet (one file; a directory of parts on N ranks)")
     e.set_defaults(func=_evaluate, takes_overrides=True)
     d = sub.add_parser("demo", help="generate the default long-tail dataset, convert it, print stats, train")
     d.add_argument("--out", default="runs/demo")

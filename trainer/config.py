@@ -11,11 +11,11 @@ from typing import ClassVar
 
 from models.config import ModelConfig
 from trainer.config_base import ConfigError
-from trainer.optim.names import COUNTER_FORMS, EMB_OPTIMIZERS, STEP_RULES
+from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES, UB_MODES
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
-TRANSFER_LOSSES = ("mmd", "cosreg", "frage")
+TRANSFER_LOSSES = ("mmd", "cosreg", "frage", "neighbor")
 
 
 def _choice(where: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -54,14 +54,16 @@ class DataConfig:
 @dataclass
 class EmbOptimConfig:
     name: str = "exact_sgd"            # one of trainer.optim.names.EMB_OPTIMIZERS
-    lr: float = 0.01
+    lr: float | None = None            # None: the optimizer's own default (trainer.optim.names.DEFAULT_LR)
     eps: float = 1e-8
     weight_decay: float = 0.0
     # counter-based (FBGEMM COUNTER_SGD and our cfsgd)
     counter_halflife: float = -1.0     # <0: plain count; 0: always 1; >0: exponential decay half-life (steps)
     counter_form: str = "fbgemm"       # cfsgd step: "fbgemm" lr/sqrt(ub c) | "paper" lr/sqrt(ub c T/t) (ALGORITHMS §1)
     horizon: int = 0                   # T of the paper form in steps; 0 = the run's planned training steps
-    adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c)
+    adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c); with ub_mode=table a multiplier of the estimate
+    ub_mode: str | None = None         # cfsgd: "table" (ours, per-table online ub; the default) | "fixed" (FBGEMM:
+                                       # ub = adjustment_ub). None: "table" for cfsgd, "fixed" for the others
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
@@ -70,6 +72,12 @@ class EmbOptimConfig:
     lexico_lambda_max: float = math.inf  # optional cap on lambda_i (not in the paper: capped rows may break the barrier)
     lexico_h_clip: float = 0.0         # >0: clip ||h_i|| to this multiple of ||g_i|| (docs/ALGORITHMS.md §8)
     lexico_apply_to_all: bool = True   # rows without a transfer gradient: Algorithm 1 (True) or the plain step
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.name in DEFAULT_LR:   # resolved once, so the saved config records it
+            self.lr = DEFAULT_LR[self.name]
+        if self.ub_mode is None:
+            self.ub_mode = "table" if self.name == "cfsgd" else "fixed"
 
     def validate(self, where: str) -> None:
         _choice(where, "name", self.name, EMB_OPTIMIZERS)
@@ -83,6 +91,9 @@ class EmbOptimConfig:
         _number(where, "lexico_lambda_max", self.lexico_lambda_max, 0, strict=True, allow_inf=True)
         _number(where, "lexico_h_clip", self.lexico_h_clip, 0)
         _choice(where, "counter_form", self.counter_form, COUNTER_FORMS)
+        _choice(where, "ub_mode", self.ub_mode, UB_MODES)
+        if self.ub_mode == "table" and self.name != "cfsgd":
+            raise ConfigError(f"{where}.ub_mode: 'table' is our cfsgd kernel's option, not {self.name}'s")
         _number(where, "horizon", self.horizon, 0)
         if self.counter_form == "paper" and self.name != "cfsgd":
             raise ConfigError(f"{where}.counter_form: 'paper' is our cfsgd kernel's form, not {self.name}'s")
@@ -195,9 +206,16 @@ class TransferConfig:
     loss: str = "mmd"                  # one of TRANSFER_LOSSES
     features: list[str] = field(default_factory=list)  # features whose table gets the transfer loss
     weight: float = 1e-2               # fixed coefficient for plus_t / select
+    # coefficient of the transfer loss in lexico / both (1 = Algorithm 1); 0 = the matched-step control:
+    # the lexico rule with h = 0 (lambda_i = alpha min(1, loss/||g_i||^2)), i.e. its step size, no transfer
+    lexico_weight: float = 1.0
     source_frac: float = 0.2           # top 20% ids by count = source domain
     eta_quantile: float = 0.2          # selective target domain threshold quantile
     frage_lr: float = 0.02
+    cosreg_form: str = "batch_mean"    # batch_mean: ||mean unit row||^2 | paper: mean cos over distinct pairs
+    # neighbor loss: row j's pull is weighted 1 / (1 + count_j / anchor_count_scale) (train count of its
+    # id), a prior that fades as the id's own data grows; 0 = the same pull for every target row
+    anchor_count_scale: float = 0.0
     mmd_sigma_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     # planted.json of a generated dataset (data.generate): also report metrics on the examples whose
     # data.bucket_feature id is a planted twin / loner / other (eval groups; works in any mode)
@@ -206,16 +224,26 @@ class TransferConfig:
     def validate(self, where: str) -> None:
         _choice(where, "mode", self.mode, TRANSFER_MODES)
         _choice(where, "loss", self.loss, TRANSFER_LOSSES)
+        _choice(where, "cosreg_form", self.cosreg_form, ("batch_mean", "paper"))
         _number(where, "weight", self.weight, 0)
+        _number(where, "lexico_weight", self.lexico_weight, 0)
         _number(where, "source_frac", self.source_frac, 0, strict=True, high=1)
         _number(where, "eta_quantile", self.eta_quantile, 0, high=1)
         _number(where, "frage_lr", self.frage_lr, 0, strict=True)
+        _number(where, "anchor_count_scale", self.anchor_count_scale, 0)
         for i, scale in enumerate(self.mmd_sigma_scales):
             _number(where, f"mmd_sigma_scales[{i}]", scale, 0, strict=True)
 
 
+STOCK_OPTIMIZER = "exact_rowwise_adagrad"   # what TorchRec users train with: FBGEMM's fused rowwise Adagrad
+METHODS = ("tailrec", "stock")
+
+
 @dataclass
 class Config:
+    # tailrec: the config as written (our optimizer and transfer) | stock: the stock TorchRec baseline, one
+    # flag away: FBGEMM exact_rowwise_adagrad at its default lr on every table, no transfer (the rest kept)
+    method: str = "tailrec"
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -225,6 +253,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    def validate(self, where: str) -> None:
+        _choice(where, "method", self.method, METHODS)
+        if self.method == "stock":
+            self.embedding.optimizer = EmbOptimConfig(name=STOCK_OPTIMIZER)
+            for t in self.embedding.tables.values():
+                t.optimizer = None
+            self.transfer.mode = "baseline"
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -17,7 +17,8 @@ def _run_config(checkpoint: Path, config: str | None, overrides: list[str]):
     return load_config(str(saved), overrides)
 
 
-def run_evaluate(checkpoint: str, split: str, config: str | None, overrides: list[str]) -> int:
+def run_evaluate(checkpoint: str, split: str, config: str | None, overrides: list[str],
+                 predictions: str | None = None) -> int:
     from trainer.dist import init_distributed, shutdown
     from trainer.loop import Trainer
 
@@ -30,9 +31,15 @@ def run_evaluate(checkpoint: str, split: str, config: str | None, overrides: lis
         trainer = Trainer(cfg, env)
         trainer.load_checkpoint(ck)
         res = trainer.evaluate_split(split)
+        out = {"checkpoint": str(ck), "split": split, "step": trainer.state.step, "metrics": res}
+        if predictions:
+            from trainer import predictions as preds
+
+            table = preds.collect(trainer.dmp, trainer.loaders[split], env.device)
+            written = preds.write(table, predictions, env.rank, env.world_size)
+            out["predictions"] = str(written if env.world_size == 1 else Path(predictions))
         if env.is_main:
-            print(json.dumps({"checkpoint": str(ck), "split": split, "step": trainer.state.step, "metrics": res},
-                             indent=2, default=float))
+            print(json.dumps(out, indent=2, default=float))
         return 0
     finally:
         shutdown()

@@ -143,7 +143,10 @@ class Trainer:
         if self.transfer:  # shadow features in every batch (empty outside training)
             self.loaders = {s: self.transfer.wrap(ld, s == "train") for s, ld in self.loaders.items()}
         self.bucket_of_id = self._buckets()
-        self.group_of_id = transfer_wiring.eval_groups(cfg)
+        groups = transfer_wiring.eval_groups(cfg)
+        self.group_of_id, self.group_names = groups if groups is not None else (None, ())
+        if self.metrics and self.group_names:
+            self.metrics.allow_groups(self.group_names)
         ck_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
         self.checkpointer = Checkpointer(ck_dir, env.rank, cfg.checkpoint.keep)
         self.state = TrainState()
@@ -341,7 +344,8 @@ class Trainer:
 
             bar = functools.partial(tqdm, desc=f"eval {split}", unit="batch", leave=False, mininterval=2.0)
         return evaluate(self.dmp, self.loaders[split], self.env.device, self.bucket_of_id,
-                        self.cfg.data.bucket_feature, progress=bar, group_of_id=self.group_of_id)
+                        self.cfg.data.bucket_feature, progress=bar, group_of_id=self.group_of_id,
+                        group_names=self.group_names)
 
     def _evaluate_and_select(self) -> None:
         self.loss_watch.check(f"before the evaluation at step {self.state.step}")

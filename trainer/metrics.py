@@ -190,6 +190,7 @@ class PrometheusMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._m = _build(_SPECS, self.registry)
         self._r = str(rank)
+        self.buckets = tuple(BUCKETS)   # eval label values; a run's own eval groups join via allow_groups
         try:
             # Our own server loop (not start_http_server) so close() returns within ~50 ms.
             self._server = make_server(cfg.host, self.port, make_wsgi_app(self.registry),
@@ -231,9 +232,13 @@ class PrometheusMetrics:
                 self._labels("tailrec_lexico_lambda", table=table, optimizer=optimizer,
                              percentile=_percentile("lambda", key)).set(value)
 
+    def allow_groups(self, names: tuple[str, ...]) -> None:
+        """The run's evaluation groups (transfer.eval_groups, at most MAX_EVAL_GROUPS) as bucket labels."""
+        self.buckets = tuple(dict.fromkeys((*self.buckets, *names)))
+
     def on_eval(self, split: str, bucket: str, auc: float, logloss: float, ne: float) -> None:
-        if split not in SPLITS or bucket not in BUCKETS:
-            raise ValueError(f"eval labels must be split in {SPLITS}, bucket in {BUCKETS}; got {split!r}, {bucket!r}")
+        if split not in SPLITS or bucket not in self.buckets:
+            raise ValueError(f"eval labels must be split in {SPLITS}, bucket in {self.buckets}; got {split!r}, {bucket!r}")
         if self.rank != 0:  # global values: one exporter avoids N identical series
             return
         self._labels("tailrec_eval_auc", split=split, bucket=bucket).set(auc)

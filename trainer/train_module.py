@@ -30,6 +30,18 @@ def _first_rows(jt_values: torch.Tensor, jt_lengths: torch.Tensor):
     return uniq, first
 
 
+def _anchor_pairs(nb, s_ids, s_first, t_first, pooled, f, d):
+    """(anchor rows, target rows) for the target ids whose neighbor ``nb`` (-1: none) is among the batch's
+    unique ids of ``f`` (``s_ids``, sorted): the anchor is that id's pooled row, detached."""
+    if s_ids.numel() == 0:
+        ok = torch.zeros_like(nb, dtype=torch.bool)
+        pos = torch.zeros_like(nb)
+    else:
+        pos = torch.searchsorted(s_ids, nb.clamp_min(0)).clamp_max(s_ids.numel() - 1)
+        ok = (nb >= 0) & (s_ids[pos] == nb)
+    return pooled[f][s_first[pos[ok]], :d].detach(), pooled[shadow_name(f)][t_first[ok], :d], ok
+
+
 class TransferTerm(nn.Module):
     """Leaf module: ``forward(main, kt, kjt) -> main + coef * transfer`` (train mode; else ``main``).
 
@@ -62,10 +74,16 @@ class TransferTerm(nn.Module):
             t_ids, t_first = _first_rows(sh.values(), sh.lengths())
             mj = kjt[f]
             s_ids, s_first = _first_rows(mj.values(), mj.lengths())
-            s_mask, _ = split_rows(s_ids, dom.is_source, None, check=False)
-            src = pooled[f][s_first[s_mask], :d].detach()
-            tgt = pooled[shadow_name(f)][t_first, :d]
-            tr = rt.losses[f](src, tgt)
+            loss_mod = rt.losses[f]
+            if getattr(loss_mod, "paired", False):   # each target row with its neighbor's row, when that id is in the batch
+                src, tgt, ok = _anchor_pairs(dom.neighbor_of[t_ids], s_ids, s_first, t_first, pooled, f, d)
+                loss_mod.set_coverage(torch.tensor(src.shape[0] / max(1, t_ids.numel())))
+                tr = loss_mod(src, tgt, None if dom.anchor_weight is None else dom.anchor_weight[t_ids[ok]])
+            else:
+                s_mask, _ = split_rows(s_ids, dom.is_source, None, check=False)
+                src = pooled[f][s_first[s_mask], :d].detach()
+                tgt = pooled[shadow_name(f)][t_first, :d]
+                tr = loss_mod(src, tgt)
             total = tr if total is None else total + tr
         return main if total is None else main + rt.coef * total
 

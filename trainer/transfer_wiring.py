@@ -93,6 +93,11 @@ class FeatureDomain:
     is_source: torch.Tensor         # bool [num_embeddings]
     in_target: torch.Tensor         # bool [num_embeddings]: T, or T'_eta for select/both
     summary: dict = field(default_factory=dict)
+    # int64 [num_embeddings]: each target id's co-occurrence neighbor in S (-1: none); the neighbor loss's anchor
+    neighbor_of: torch.Tensor | None = None
+    # float [num_embeddings]: the neighbor loss's per-id strength 1 / (1 + count / anchor_count_scale), a
+    # prior that fades as an id's own training data grows (None: 1 for every id)
+    anchor_weight: torch.Tensor | None = None
 
 
 def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict[str, int]) -> dict[str, FeatureDomain]:
@@ -116,7 +121,18 @@ def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict
                  f, summ["source"], summ["target"], summ["kept"], summ["dropped"], summ["eta"],
                  " [selective: using T'_eta]" if summ["selective"] else " [using all of T]",
                  time.perf_counter() - t0)
-        out[f] = FeatureDomain(f, factor_dims[f], is_source, in_target, summ)
+        neighbor_of = torch.full((n,), -1, dtype=torch.long)
+        if dom.neighbors is not None:
+            neighbor_of[torch.from_numpy(dom.target_ids)] = torch.from_numpy(dom.neighbors)
+        anchor_weight = None
+        if t.anchor_count_scale > 0:
+            from data.stats import load_counts
+
+            cnt = torch.zeros(n, dtype=torch.float32)
+            c = torch.from_numpy(load_counts(cfg.data.path)[f].astype(np.float32))
+            cnt[:min(n, c.numel())] = c[:n]
+            anchor_weight = 1.0 / (1.0 + cnt / t.anchor_count_scale)
+        out[f] = FeatureDomain(f, factor_dims[f], is_source, in_target, summ, neighbor_of, anchor_weight)
     return out
 
 
@@ -181,11 +197,15 @@ class TransferRuntime:
         t = cfg.transfer
         self.mode = t.mode
         self.lexico = t.mode in LEXICO_MODES
-        self.coef = 1.0 if self.lexico else float(t.weight)
+        # lexico/both: the kernel balances h against g per row, so the loss enters unweighted
+        # (lexico_weight = 1); lexico_weight = 0 is the matched-step control: the same lambda rule, no transfer
+        self.coef = float(t.lexico_weight) if self.lexico else float(t.weight)
         self.losses = {f: build_transfer_loss(t, d.factor_dim, device, seed=cfg.train.seed)
                        for f, d in domains.items()}
         for d in domains.values():
             d.is_source = d.is_source.to(device)
+            d.neighbor_of = d.neighbor_of.to(device) if d.neighbor_of is not None else None
+            d.anchor_weight = d.anchor_weight.to(device) if d.anchor_weight is not None else None
         self._acc: dict[str, dict[str, list[float]]] = {}
         self.dmp = None
 
@@ -217,13 +237,16 @@ class TransferRuntime:
                         acc.setdefault(k, []).append(v)
 
     def flush_metrics(self) -> dict:
-        """Means of the per-step metrics since the last flush, per table (+ domain sizes)."""
-        out = {}
-        for f, d in self.domains.items():
-            acc = self._acc.get(f, {})
-            out[f] = {k: float(np.mean(v)) for k, v in acc.items() if v} | {"domain": dict(d.summary)}
+        """Means of the per-step metrics since the last flush, per table (+ domain sizes), merged over
+        ranks. Collective: every rank calls it at each evaluation. The lambda statistics exist only on
+        the rank(s) owning the table's rows; the transfer loss on every rank: values a stat has on several
+        ranks are averaged, so every rank (and rank 0's results.json and log) sees the table's lambda."""
+        local = {f: {k: [float(np.mean(v)), 1.0] for k, v in self._acc.get(f, {}).items() if v}
+                 for f in self.domains}
         self._acc = {}
-        return out
+        merged = _merge_over_ranks(local)
+        return {f: {k: s / n for k, (s, n) in merged[f].items()} | {"domain": dict(d.summary)}
+                for f, d in self.domains.items()}
 
     def last_metrics(self) -> dict[str, dict[str, float]]:
         return {f: lm.metrics() for f, lm in self.losses.items()}
@@ -244,6 +267,24 @@ class TransferRuntime:
             sd = dict(sd)
             lm.d_steps = int(sd.pop("d_steps"))
             lm.discriminator.load_state_dict(sd)
+
+
+def _merge_over_ranks(local: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+    """{table: {stat: [sum, count]}} summed over ranks (a few floats per table: all_gather_object)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    out: dict[str, dict[str, list[float]]] = {f: {} for f in local}
+    for part in parts:
+        for f, stats in part.items():
+            for k, (s, n) in stats.items():
+                tot = out.setdefault(f, {}).setdefault(k, [0.0, 0.0])
+                tot[0] += s
+                tot[1] += n
+    return out
 
 
 def build_runtime(cfg: Config, tables, device: torch.device) -> TransferRuntime | None:
@@ -280,10 +321,70 @@ def planted_groups(dataset_dir: str | Path, feature: str, planted_json: str | Pa
     return out
 
 
-def eval_groups(cfg: Config) -> np.ndarray | None:
-    """``transfer.eval_groups`` (planted.json) -> id -> group array on ``data.bucket_feature``, or None."""
+MAX_EVAL_GROUPS = 32          # groups become a Prometheus label value: keep the set small and bounded
+RESERVED_GROUPS = ("all", "head", "torso", "tail")
+
+
+def csv_groups(dataset_dir: str | Path, feature: str, path: str | Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``<feature id>,<group>`` lines (raw id as in the source data, any group names; an optional
+    ``id,group`` header) -> (dense id -> group index, -1 = no group; group names in first-seen order).
+
+    Refused with the file and line named: a line without exactly two fields, an empty or reserved group
+    name, an id given two different groups, more than MAX_EVAL_GROUPS groups. Ids the dataset's vocabulary
+    does not hold are counted and logged (they cannot occur in the evaluation)."""
+    import csv
+
+    from data.writer import load_vocab
+
+    index = {v: i for i, v in enumerate(load_vocab(dataset_dir, feature))}
+    out = np.full(len(index), -1, dtype=np.int16)
+    names: list[str] = []
+    first_line: dict[str, tuple[int, str]] = {}
+    unknown = 0
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for line_no, row in enumerate(csv.reader(fh), start=1):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            where = f"{path}:{line_no}"
+            if len(row) != 2:
+                raise ConfigError(f"transfer.eval_groups: {where}: expected '<feature id>,<group>', got {len(row)} fields")
+            raw, group = row[0].strip(), row[1].strip()
+            if line_no == 1 and (raw.lower(), group.lower()) == ("id", "group"):
+                continue
+            if not group or group in RESERVED_GROUPS:
+                raise ConfigError(f"transfer.eval_groups: {where}: group name {group!r} is empty or reserved "
+                                  f"({', '.join(RESERVED_GROUPS)})")
+            if raw in first_line and first_line[raw][1] != group:
+                raise ConfigError(f"transfer.eval_groups: {where}: id {raw!r} is in group {first_line[raw][1]!r} "
+                                  f"at line {first_line[raw][0]} and in {group!r} here")
+            first_line.setdefault(raw, (line_no, group))
+            if group not in names:
+                names.append(group)
+                if len(names) > MAX_EVAL_GROUPS:
+                    raise ConfigError(f"transfer.eval_groups: {where}: more than {MAX_EVAL_GROUPS} groups")
+            if raw not in index:
+                unknown += 1
+                continue
+            out[index[raw]] = names.index(group)
+    if unknown:
+        log.warning("transfer.eval_groups %s: %d id(s) are not in %s's vocabulary (never evaluated)",
+                    path, unknown, feature)
+    return out, tuple(names)
+
+
+def eval_groups(cfg: Config) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """``transfer.eval_groups`` -> (id -> group index on ``data.bucket_feature``, group names), or None.
+    A ``.json`` file is a generator's planted.json (twin / loner / other); anything else a CSV of
+    ``<feature id>,<group>`` lines (``csv_groups``)."""
     if not cfg.transfer.eval_groups:
         return None
     if not cfg.data.bucket_feature:
-        raise ConfigError("transfer.eval_groups needs data.bucket_feature (the feature the planted ids belong to)")
-    return planted_groups(cfg.data.path, cfg.data.bucket_feature, cfg.transfer.eval_groups)
+        raise ConfigError("transfer.eval_groups needs data.bucket_feature (the feature whose ids it groups)")
+    path = cfg.transfer.eval_groups
+    if not Path(path).is_file():
+        raise ConfigError(f"transfer.eval_groups: {path}: no such file")
+    if str(path).endswith(".json"):
+        from data.generate import PLANTED_GROUPS
+
+        return planted_groups(cfg.data.path, cfg.data.bucket_feature, path), PLANTED_GROUPS
+    return csv_groups(cfg.data.path, cfg.data.bucket_feature, path)

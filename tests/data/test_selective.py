@@ -25,8 +25,10 @@ def reference_domain(feats, records, feature, top_k, source_frac=0.2, q=0.2):
     src, tgt = ids[:n_src], ids[n_src:]
     norm = np.linalg.norm(c, axis=1, keepdims=True)
     u = np.divide(c, norm, out=np.zeros_like(c), where=norm > 0)
-    scores = (u[tgt] @ u[src].T).max(axis=1)
-    return np.array(src), np.array(tgt), scores, np.quantile(scores, q)
+    sim = u[tgt] @ u[src].T
+    scores = sim.max(axis=1)
+    nb = np.where(scores > 0, np.array(src)[sim.argmax(axis=1)], -1)
+    return np.array(src), np.array(tgt), scores, np.quantile(scores, q), nb, np.sort(sim, axis=1)
 
 
 @pytest.mark.parametrize("chunk_cells", [1 << 24, 3])
@@ -37,7 +39,7 @@ def test_matches_dense_reference(tmp_path, monkeypatch, chunk_cells):
     ds = helpers.write_dataset(tmp_path / "ds", feats, recs)
     compute_stats(ds, top_k=12)
     dom = sel.selective_target_domain(ds, "movie")
-    src, tgt, scores, eta = reference_domain(feats, recs, "movie", 12)
+    src, tgt, scores, eta, nb, sims = reference_domain(feats, recs, "movie", 12)
     np.testing.assert_array_equal(dom.source_ids, src)
     np.testing.assert_array_equal(dom.target_ids, tgt)
     np.testing.assert_allclose(dom.scores, scores, atol=1e-6)       # float32 products
@@ -48,6 +50,11 @@ def test_matches_dense_reference(tmp_path, monkeypatch, chunk_cells):
     assert set(tgt[clear & (scores < eta)]) <= set(dom.dropped_ids)
     s = dom.summary()
     assert s["kept"] + s["dropped"] == s["target"] == len(tgt) and s["dropped"] >= 1
+    # the neighbor is the arg max source id (where the best is clear of the runner-up; -1 without co-occurrence)
+    clear_best = (sims[:, -1] - sims[:, -2] > 1e-5) | (scores == 0)
+    assert clear_best.sum() >= len(tgt) // 2
+    np.testing.assert_array_equal(dom.neighbors[clear_best], nb[clear_best])
+    assert set(dom.neighbors[dom.scores > 0].tolist()) <= set(src.tolist())
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -58,7 +65,7 @@ def test_save_load_roundtrip(tmp_path):
     dom = sel.selective_target_domain(ds, "b")
     p = sel.save_selective(ds, "b", dom)
     back = sel.load_selective(ds, "b")
-    for f in ("source_ids", "target_ids", "kept_ids", "dropped_ids", "scores"):
+    for f in ("source_ids", "target_ids", "kept_ids", "dropped_ids", "scores", "neighbors"):
         np.testing.assert_array_equal(getattr(back, f), getattr(dom, f))
     assert back.eta == dom.eta
     first = p.read_bytes()
@@ -98,3 +105,7 @@ def test_planted_twins_kept_loners_dropped(tmp_path):
     assert np.mean(np.array(twins) >= dom.eta) >= 0.9           # twins look like their frequent parent
     assert np.mean(np.array(loners) < dom.eta) >= 0.7            # loners resemble no frequent movie
     assert np.median(twins) > np.median(loners) + 0.1
+    # a twin's co-occurrence neighbor among the frequent movies is mostly its own parent
+    nb = dict(zip(dom.target_ids.tolist(), dom.neighbors.tolist()))
+    parent_hits = [nb[t - 1] == p - 1 for t, p in planted["twins"] if t - 1 in nb]
+    assert np.mean(parent_hits) >= 0.9, np.mean(parent_hits)

@@ -32,19 +32,31 @@ def ref_lexico_row(g, h, has_h, loss, alpha, lmax, h_clip, apply_to_all):
     return [a + lam * b for a, b in zip(h, g)], lam
 
 
-def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None):
-    """Per-row loop. st: dict of python lists. Returns new w (list of lists), st, lams."""
+def ref_direction(cfg, g_i, h_i, has_h_i, loss):
+    """(direction, lambda or None) of one row: Algorithm 1 with lexico, else g (+ h: the plain "+T" sum)."""
+    if cfg.lexico:
+        return ref_lexico_row(g_i, h_i if h_i is not None else [0.0] * len(g_i), bool(has_h_i), loss,
+                              cfg.lexico_alpha, cfg.lexico_lambda_max, cfg.lexico_h_clip, cfg.lexico_apply_to_all)
+    return [a + (h_i[k] if h_i is not None else 0.0) for k, a in enumerate(g_i)], None
+
+
+def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None, table=None):
+    """Per-row loop over the rows of one table. st: dict of python lists; table: dict with the table's
+    ub_sum / ub_count (ub_mode="table"), updated in place. Returns new w (list of lists), st, lams."""
     n = len(w)
-    out, lams = [], []
+    dirs = [ref_direction(cfg, g[i], h[i] if h is not None else None, has_h[i] if has_h is not None else False,
+                          loss) for i in range(n)]
+    lams = [lam for _, lam in dirs] if cfg.lexico else []
+    ub = cfg.adjustment_ub
+    if getattr(cfg, "ub_mode", "fixed") == "table" and cfg.step_rule == "cfsgd":
+        # ours: ub = adjustment_ub x (mean over the table's steps of x_t), x_t = mean_rows mean_d d^2
+        if n:
+            table["ub_sum"] += sum(sum(x * x for x in d) / len(d) for d, _ in dirs) / n
+            table["ub_count"] += 1
+        ub = cfg.adjustment_ub * table["ub_sum"] / max(table["ub_count"], 1)
+    out = []
     for i in range(n):
-        if cfg.lexico:
-            hi = h[i] if h is not None else [0.0] * len(g[i])
-            hh = bool(has_h[i]) if has_h is not None else False
-            d, lam = ref_lexico_row(g[i], hi, hh, loss, cfg.lexico_alpha, cfg.lexico_lambda_max,
-                                    cfg.lexico_h_clip, cfg.lexico_apply_to_all)
-            lams.append(lam)
-        else:
-            d = [a + (h[i][k] if h is not None else 0.0) for k, a in enumerate(g[i])]
+        d = dirs[i][0]
         if cfg.step_rule == "rowwise_adagrad":
             st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
             eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
@@ -58,9 +70,9 @@ def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None):
                 # Li et al. 2021, literally: eta_k = min(eta_max, alpha / sqrt(T p_hat_k)), p_hat_k = c_k / t,
                 # with alpha = lr / sqrt(ub) (no eps: 1e-8 is far below the tolerance)
                 p_hat = c / step
-                eta = min(cfg.lr_max, (cfg.lr / math.sqrt(cfg.adjustment_ub)) / math.sqrt(cfg.horizon * p_hat))
+                eta = min(cfg.lr_max, (cfg.lr / math.sqrt(ub)) / math.sqrt(cfg.horizon * p_hat))
             else:
-                eta = min(cfg.lr_max, cfg.lr / (math.sqrt(cfg.adjustment_ub * c) + cfg.eps))
+                eta = min(cfg.lr_max, cfg.lr / (math.sqrt(ub * c) + cfg.eps))
             if cfg.adjustment_iter > 0:
                 st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
                 if step <= cfg.adjustment_iter:

@@ -52,7 +52,7 @@ def split_out(out):
     return res
 
 
-def reference_step(W, state, cfg, batch, step, pooling):
+def reference_step(W, state, cfg, batch, step, pooling, tables=None):
     """float64: dense autograd gives per-row g (main) and h (transfer); then rules in float64."""
     idx, off, psw = batch
     Wp = [w.double().clone().requires_grad_(True) for w in W]
@@ -80,7 +80,8 @@ def reference_step(W, state, cfg, batch, step, pooling):
                for n, v in state.items()}
         # the paper-formula loops of tests/optim/reference.py: neither rules.py nor the kernel is involved
         new_w, sub, lams = ref_step(cfg, W[t][rows].double().tolist(), g[rows].tolist(), sub, step,
-                                    h[rows].tolist(), touched_h[rows].tolist(), float(main.detach()))
+                                    h[rows].tolist(), touched_h[rows].tolist(), float(main.detach()),
+                                    table=None if tables is None else tables[t])
         if r:
             W[t][rows] = torch.tensor(new_w, dtype=W[t].dtype)
             for n, v in sub.items():
@@ -100,6 +101,9 @@ CONFIGS = {
     "adagrad_lexico_clip": RuleConfig(step_rule="rowwise_adagrad", lr=0.1, lexico=True, lexico_h_clip=0.5,
                                       lexico_lambda_max=3.0),
     "cfsgd_lexico_plain": RuleConfig(lr=0.1, lexico=True, lexico_apply_to_all=False),
+    "cfsgd_table_ub": RuleConfig(lr=0.05, ub_mode="table", adjustment_ub=1.5),
+    "cfsgd_table_ub_paper_lexico": RuleConfig(lr=0.05, ub_mode="table", counter_form="paper", horizon=6,
+                                              counter_halflife=3.0, lexico=True),
 }
 
 
@@ -116,6 +120,7 @@ def test_kernel_matches_reference(name, pooling, weighted, use_ext, monkeypatch)
     W = [w.detach().double().clone() for w in tbe.split_embedding_weights()]
     state = {n: [s.detach().clone().double() if s.dtype.is_floating_point else s.detach().clone()
                  for s in tbe.split_state(n)] for n in cfg.state_names()}
+    tables = [{"ub_sum": 0.0, "ub_count": 0} for _ in ROWS]
     for step in range(1, 5):
         batch = make_batch(step, weighted)
         out = tbe(*batch)
@@ -123,13 +128,17 @@ def test_kernel_matches_reference(name, pooling, weighted, use_ext, monkeypatch)
         main, tr = loss_of(split_out(out))
         tbe.main_loss = float(main.detach())
         (main + tr).backward()
-        loss_ref = reference_step(W, state, cfg, batch, step, pooling)
+        loss_ref = reference_step(W, state, cfg, batch, step, pooling, tables)
         assert loss_ref == pytest.approx(float(main), rel=1e-5)
         for t, w in enumerate(tbe.split_embedding_weights()):
             torch.testing.assert_close(w.double(), W[t], rtol=1e-5, atol=1e-6)
         for n in cfg.state_names():
             for t, s in enumerate(tbe.split_state(n)):
                 torch.testing.assert_close(s.double(), state[n][t].double(), rtol=1e-5, atol=1e-6)
+        if cfg.table_ub:   # the per-table running mean of x_t, in float64 on both sides
+            got = [float(d[k]) for d in tbe.get_optimizer_state() for k in ("ub_sum", "ub_count")]
+            want = [float(tb[k]) for tb in tables for k in ("ub_sum", "ub_count")]
+            assert got == pytest.approx(want, rel=1e-5)
     assert int(tbe.step) == 4
     stats = tbe.last_stats
     assert stats["rows"].numel() == stats["updated"].numel()

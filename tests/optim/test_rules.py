@@ -24,6 +24,8 @@ def run_both(cfg, steps, n=12, d=5, seed=0, lexico_data=False, touch_p=0.6):
     W_ref = to_lists(W)
     st_ref = {k: [float(x) if k != "last_step" else int(x) for x in v.tolist()] for k, v in st.items()}
     all_lams = []
+    tab = {"ub_sum": torch.zeros((), dtype=torch.float64), "ub_count": torch.zeros((), dtype=torch.float64)}
+    tab_ref = {"ub_sum": 0.0, "ub_count": 0}
     for step in range(1, steps + 1):
         rows = (torch.rand(n, generator=gen) < touch_p).nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -34,7 +36,9 @@ def run_both(cfg, steps, n=12, d=5, seed=0, lexico_data=False, touch_p=0.6):
         has_h = (torch.rand(rows.numel(), generator=gen) < 0.5) if lexico_data else None
         loss = 0.7
         sub = {k: v[rows] for k, v in st.items()}
-        res = rules.apply_step(cfg, W[rows], g, sub, step, h=h, has_h=has_h, loss=loss)
+        res = rules.apply_step(cfg, W[rows], g, sub, step, h=h, has_h=has_h, loss=loss,
+                               table_state=tab if cfg.table_ub else None)
+        tab = res.table_state or tab
         W[rows] = res.rows
         for k, v in res.state.items():
             st[k][rows] = v
@@ -43,7 +47,7 @@ def run_both(cfg, steps, n=12, d=5, seed=0, lexico_data=False, touch_p=0.6):
         sub_ref = {k: [v[i] for i in r] for k, v in st_ref.items()}
         new_w, sub_ref, lams = ref_step(cfg, [W_ref[i] for i in r], to_lists(g), sub_ref, step,
                                         None if h is None else to_lists(h),
-                                        None if has_h is None else has_h.tolist(), loss)
+                                        None if has_h is None else has_h.tolist(), loss, table=tab_ref)
         for j, i in enumerate(r):
             W_ref[i] = new_w[j]
             for k in st_ref:
@@ -93,6 +97,34 @@ def test_paper_form_keeps_a_steady_rows_step_constant_and_reduces_to_fbgemm_at_t
     torch.testing.assert_close(rules.cfsgd_lr(paper, c, 100), rules.cfsgd_lr(fb, c, 100))
     with pytest.raises(ValueError, match="counter_form"):
         RuleConfig(counter_form="adam")
+
+
+@pytest.mark.parametrize("form", ["fbgemm", "paper"])
+@pytest.mark.parametrize("lexico", [False, True])
+def test_cfsgd_table_ub_matches_the_formula(form, lexico):
+    """ub_mode="table": ub = adjustment_ub x mean over steps of (mean over updated rows of mean_d d^2)."""
+    check(RuleConfig(lr=0.3, adjustment_ub=1.5, ub_mode="table", counter_form=form, horizon=8 if form == "paper" else 0,
+                     lexico=lexico, counter_halflife=4.0), steps=8, lexico_data=lexico)
+
+
+def test_table_ub_makes_the_step_independent_of_the_gradient_scale():
+    """The point of ub_mode="table": scaling every gradient by s (a batch 1/s as large, a loss s times
+    larger, s ranks summing their means) leaves the update unchanged; with a fixed ub it scales by s."""
+    outs = {}
+    for mode in ("fixed", "table"):
+        for scale in (1.0, 8.0):
+            cfg = RuleConfig(lr=0.2, ub_mode=mode)
+            st, tab = rules.init_state(cfg, 4), {"ub_sum": torch.zeros((), dtype=torch.float64),
+                                                 "ub_count": torch.zeros((), dtype=torch.float64)}
+            W = torch.zeros(4, 3)
+            gen = torch.Generator().manual_seed(3)
+            for step in range(1, 6):
+                g = torch.randn(4, 3, generator=gen) * scale
+                res = rules.apply_step(cfg, W, g, st, step, table_state=tab if cfg.table_ub else None)
+                W, st, tab = res.rows, res.state, res.table_state or tab
+            outs[mode, scale] = W
+    torch.testing.assert_close(outs["table", 8.0], outs["table", 1.0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(outs["fixed", 8.0], 8.0 * outs["fixed", 1.0], rtol=1e-5, atol=1e-6)
 
 
 def test_cfsgd_lr_max_and_warmup():

@@ -136,6 +136,26 @@ def test_cosreg_closed_form_equals_bruteforce():
     assert both == pytest.approx(_cos_brute(torch.cat([t, s])), rel=1e-5)
 
 
+def test_cosreg_paper_form_is_the_mean_over_distinct_pairs():
+    """Paper form: (1/(N(N-1))) sum_{i != j} cos(w_i, w_j) over target and source rows, float64 brute force;
+    the gradient reaches the target rows only."""
+    s, t = _rows(5, 6, shift=0.3, seed=14).double(), _rows(7, 6, shift=0.5, seed=15).double()
+    rows = torch.cat([t, s])
+    n = rows.shape[0]
+    want = sum(float(rows[i] @ rows[j] / (rows[i].norm() * rows[j].norm()))
+               for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    w = t.clone().requires_grad_(True)
+    src = s.clone().requires_grad_(True)
+    got = CosRegLoss(form="paper").loss(src, w)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    got.backward()
+    assert src.grad is None and w.grad is not None and float(w.grad.abs().sum()) > 0
+    # it differs from the batch-mean form (diagonal included, target rows only) on the same rows
+    assert CosRegLoss().loss(s, t).item() != pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="cosreg form"):
+        CosRegLoss(form="nope")
+
+
 def test_cosreg_gradient_decreases_it_and_spares_source():
     s = _rows(16, 8, shift=1.0, seed=12).requires_grad_(True)
     t = _rows(32, 8, shift=1.0, seed=13).requires_grad_(True)
@@ -321,3 +341,22 @@ def test_split_rows():
         split_rows(torch.tensor([6]), is_source)
     with pytest.raises(TypeError):
         split_rows(ids, is_source.long())
+
+
+def test_neighbor_loss_pulls_each_row_toward_its_own_anchor_only():
+    from trainer.optim.transfer_loss import NeighborLoss
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    mod = NeighborLoss()
+    out = mod.loss(a, t)
+    # float64 by hand: 1/2 (||t0 - a0||^2 + ||t1 - a1||^2) / 2 = 1/2 (1 + 2) / 2
+    assert out.item() == pytest.approx(0.75, rel=1e-12)
+    out.backward()
+    torch.testing.assert_close(t.grad, (t - a).detach() / 2)     # d/dt_j = (t_j - a_j) / n
+    assert a.grad is None                                        # anchors are detached
+    assert mod.paired and mod.loss(a[:0], t[:0]).item() == 0.0
+    w = torch.tensor([0.5, 0.1], dtype=torch.float64)      # per-row strength: (0.5 * 1/2 + 0.1 * 1) / 2
+    assert mod.loss(a, t.detach(), w).item() == pytest.approx((0.5 * 0.5 + 0.1 * 1.0) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="pairs rows"):
+        mod.loss(a, t[:1])

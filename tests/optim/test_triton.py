@@ -31,6 +31,7 @@ def run_against_reference(cfg, pooling, weighted, device, steps=3):
     W = [w.detach().double().cpu().clone() for w in tbe.split_embedding_weights()]
     state = {n: [s.detach().cpu().clone().double() if s.dtype.is_floating_point else s.detach().cpu().clone()
                  for s in tbe.split_state(n)] for n in cfg.state_names()}
+    tables = [{"ub_sum": 0.0, "ub_count": 0} for _ in ROWS]
     for step in range(1, steps + 1):
         batch = make_batch(step, weighted)
         out = tbe(*on(batch, device))
@@ -38,7 +39,10 @@ def run_against_reference(cfg, pooling, weighted, device, steps=3):
         main_d, tr_d = loss_of(split_out(out))
         tbe.main_loss = float(main.detach())
         (main_d + tr_d).backward()
-        reference_step(W, state, cfg, batch, step, pooling)
+        reference_step(W, state, cfg, batch, step, pooling, tables)
+        if cfg.table_ub:   # the per-table running mean of x_t (ub_mode="table"), float64 on both sides
+            got = [float(d[k]) for d in tbe.get_optimizer_state() for k in ("ub_sum", "ub_count")]
+            assert got == pytest.approx([float(tb[k]) for tb in tables for k in ("ub_sum", "ub_count")], rel=1e-5)
         for t, w in enumerate(tbe.split_embedding_weights()):
             torch.testing.assert_close(w.double().cpu(), W[t], rtol=1e-5, atol=1e-6)
         for n in cfg.state_names():
@@ -85,7 +89,7 @@ def test_segments_cut_one_run_per_unique_row():
     """The sort/segment prep on its own: run starts, count and lookup weights, from a hand example."""
     meta = segments.FeatureMeta(feat_table=torch.tensor([0, 1]), feat_shadow=torch.tensor([False, True]),
                                 feat_col=torch.tensor([0, 4]), row_off=torch.tensor([0, 10]),
-                                w_off=torch.tensor([0, 40]), dim=torch.tensor([4, 4]))
+                                w_off=torch.tensor([0, 40]), dim=torch.tensor([4, 4]), row_bounds=torch.tensor([0, 10, 20]))
     # B = 2 bags per feature: f0 = [3, 1], [3]; f1 = [], [2, 2, 5]
     idx = torch.tensor([3, 1, 3, 2, 2, 5])
     off = torch.tensor([0, 2, 3, 3, 6])

@@ -154,7 +154,34 @@ def ref_fbgemm(name, w, g, st, opt):
     raise ValueError(name)
 
 
-def reference(tables, emb_cfg, W0, steps, world, weighted, seed, coef, start=0, state=None):
+def plan_shards(res) -> Dict[str, list]:
+    """{table: [(row0, rows, col0, cols), ...]} of a ShardResult's plan (what ub_mode="table" keeps apart)."""
+    return {n: [(int(sh.shard_offsets[0]), int(sh.shard_sizes[0]), int(sh.shard_offsets[1]), int(sh.shard_sizes[1]))
+                for sh in p.sharding_spec.shards] if p.sharding_spec is not None else [(0, 10**9, 0, 10**9)]
+            for n, p in res.plan.plan["ebc"].items()}
+
+
+def _ref_table_ub(rc, w, g, st, step, shards, tstate, h=None, has_h=None, loss=None):
+    """ub_mode="table" replayed shard by shard: each shard of a table (a block of rows and columns, from the
+    plan) keeps its own running mean of x_t over the rows it owns and the columns it holds."""
+    before = {key: list(v) for key, v in st.items()}
+    for k, (r0, nr, c0, nc) in enumerate(shards):
+        rows = [i for i in range(len(w)) if r0 <= st["_row"][i] < r0 + nr]
+        sub = {key: [v[i] for i in rows] for key, v in before.items() if key != "_row"}
+        new_w, sub, _ = ref_step(rc, [w[i][c0:c0 + nc] for i in rows], [g[i][c0:c0 + nc] for i in rows], sub, step,
+                                 None if h is None else [h[i][c0:c0 + nc] for i in rows],
+                                 None if has_h is None else [has_h[i] for i in rows], loss,
+                                 table=tstate.setdefault(k, {"ub_sum": 0.0, "ub_count": 0}))
+        for j, i in enumerate(rows):
+            w[i][c0:c0 + nc] = new_w[j]
+            if c0 == 0:   # every column shard keeps the same counters; keep the first one's
+                for key in sub:
+                    st[key][i] = sub[key][j]
+    return w, st
+
+
+def reference(tables, emb_cfg, W0, steps, world, weighted, seed, coef, start=0, state=None, shards=None):
+    """``shards``: {table: [(row0, rows, col0, cols), ...]} from the plan, needed by ub_mode="table" tables."""
     W = {n: w.double().clone() for n, w in W0.items()}
     state = state or {}
     div = 1.0 if get_gradient_division() else float(world)  # owner sees sum/world with division
@@ -170,8 +197,14 @@ def reference(tables, emb_cfg, W0, steps, world, weighted, seed, coef, start=0, 
                 sub = {k: [float(x) if v.dtype.is_floating_point else int(x) for x in v[rows].tolist()]
                        for k, v in st.items()}
                 # the papers' formulas as float64 loops (tests/optim/reference.py), not rules.py
-                new_w, sub, _ = ref_step(rc, W[n][rows].tolist(), g[rows].tolist(), sub, s + 1, h[rows].tolist(),
-                                         touched_h[n][rows].tolist(), loss)
+                if rc.table_ub:
+                    new_w, sub = _ref_table_ub(rc, W[n][rows].tolist(), g[rows].tolist(), {**sub, "_row": rows.tolist()},
+                                               s + 1, shards[n], state.setdefault(("ub", n), {}), h[rows].tolist(),
+                                               touched_h[n][rows].tolist(), loss)
+                    sub.pop("_row")
+                else:
+                    new_w, sub, _ = ref_step(rc, W[n][rows].tolist(), g[rows].tolist(), sub, s + 1, h[rows].tolist(),
+                                             touched_h[n][rows].tolist(), loss)
                 if rows.numel():
                     W[n][rows] = torch.tensor(new_w, dtype=W[n].dtype)
                     for k, v in sub.items():
@@ -202,6 +235,7 @@ def main_tables():
         EmbeddingBagConfig(num_embeddings=40, embedding_dim=8, name="t1", feature_names=["b", "b2"]),
         EmbeddingBagConfig(num_embeddings=30, embedding_dim=64, name="t2", feature_names=["c"]),  # CW: 2 shards
         EmbeddingBagConfig(num_embeddings=50, embedding_dim=8, name="t3", feature_names=["d"]),
+        EmbeddingBagConfig(num_embeddings=44, embedding_dim=8, name="t4", feature_names=["e"]),
     ]
 
 
@@ -210,8 +244,12 @@ def run_ours(sharding: str) -> Dict[str, float]:
     tables = main_tables()
     opts = {"t0": EmbOptimConfig(name="cfsgd", lr=0.2, adjustment_ub=2.0, counter_form="paper", horizon=6),
             "t1": EmbOptimConfig(name="cfsgd", lr=0.1, counter_halflife=2.0, adjustment_iter=2),
-            "t2": EmbOptimConfig(name="rowwise_adagrad" if sharding != "column_wise" else "cfsgd", lr=0.1),
-            "t3": EmbOptimConfig(name="exact_sgd", lr=0.1)}
+            # column_wise: t2's two column shards each keep their own ub estimate (ub_mode="table")
+            "t2": EmbOptimConfig(name="rowwise_adagrad", lr=0.1) if sharding != "column_wise" else
+                  EmbOptimConfig(name="cfsgd", lr=0.1, ub_mode="table"),
+            "t3": EmbOptimConfig(name="exact_sgd", lr=0.1),
+            # our default rule (per-table ub; row shards under row_wise)
+            "t4": EmbOptimConfig(name="cfsgd", lr=0.05, ub_mode="table", counter_halflife=3.0)}
     cfg = emb_config(opts, sharding)
     out = {}
     for weighted in (False, True):
@@ -222,7 +260,7 @@ def run_ours(sharding: str) -> Dict[str, float]:
         out["t2_shards"] = [(list(s.shard_offsets), str(s.placement))
                             for s in res.plan.plan["ebc"]["t2"].sharding_spec.shards]
         W1, C1 = weights_of(res.dmp, tables), opt_state_of(res.dmp, tables, "momentum1")
-        Wr, Sr = reference(tables, cfg, W0, 4, dist.get_world_size(), weighted, 1, {})
+        Wr, Sr = reference(tables, cfg, W0, 4, dist.get_world_size(), weighted, 1, {}, shards=plan_shards(res))
         out[f"w_err_weighted{int(weighted)}"] = max((W1[n].double() - Wr[n]).abs().max().item() for n in Wr)
         out[f"moved_weighted{int(weighted)}"] = max((W1[n] - W0[n]).abs().max().item() for n in Wr)
         first = {"t0": "counter", "t1": "counter", "t2": "adagrad_sum" if sharding != "column_wise" else "counter"}
@@ -248,17 +286,17 @@ def run_lexico(sharding: str, loss_binds: bool = False) -> Dict[str, float]:
     W0 = weights_of(res.dmp, tables)
     train(res.dmp, tables, 4, False, seed=7, coef=coef, lexico=True)
     W1 = weights_of(res.dmp, tables)
-    Wr, _ = reference(tables, cfg, W0, 4, dist.get_world_size(), False, 7, coef)
+    Wr, _ = reference(tables, cfg, W0, 4, dist.get_world_size(), False, 7, coef, shards=plan_shards(res))
     # the same steps with lexico off (g + h): proves lambda (which needs g and h apart) mattered
     plain = emb_config({"ts": EmbOptimConfig(name="cfsgd", lr=0.1), "tx": EmbOptimConfig(name="cfsgd", lr=0.1)}, sharding)
-    Wp, _ = reference(tables, plain, W0, 4, dist.get_world_size(), False, 7, coef)
+    Wp, _ = reference(tables, plain, W0, 4, dist.get_world_size(), False, 7, coef, shards=plan_shards(res))
     binds = LOSS_TERM_BINDS[0]
     controls = {}
     if loss_binds:   # the same run with the barrier fed a wrong loss must NOT match the reference
         for label, kw in (("no_allreduce", dict(reduce=False)), ("loss_x1000", dict(loss_scale=1000.0))):
             bad = build(tables, cfg, False)
             W0b = weights_of(bad.dmp, tables)
-            Wrb, _ = reference(tables, cfg, W0b, 4, dist.get_world_size(), False, 7, coef)
+            Wrb, _ = reference(tables, cfg, W0b, 4, dist.get_world_size(), False, 7, coef, shards=plan_shards(bad))
             train(bad.dmp, tables, 4, False, seed=7, coef=coef, lexico=True, **kw)
             W1b = weights_of(bad.dmp, tables)
             controls[f"w_err_{label}"] = max((W1b[n].double() - Wrb[n]).abs().max().item() for n in Wrb)
@@ -278,7 +316,7 @@ def run_fbgemm() -> Dict[str, float]:
     W0 = weights_of(res.dmp, tables)
     train(res.dmp, tables, 3, False, seed=3, coef={})
     W1 = weights_of(res.dmp, tables)
-    Wr, _ = reference(tables, cfg, W0, 3, dist.get_world_size(), False, 3, {})
+    Wr, _ = reference(tables, cfg, W0, 3, dist.get_world_size(), False, 3, {}, shards=plan_shards(res))
     out = {f"err_{n}": (W1[f"e{i}"].double() - Wr[f"e{i}"]).abs().max().item() for i, n in enumerate(names)}
     touched = torch.zeros(20, dtype=torch.bool)
     for s in range(3):
@@ -301,10 +339,10 @@ def copy_weights(src, dst, tables):
 
 
 def run_vs_fbgemm_counter(halflife: float, adj_iter: int) -> Dict[str, float]:
-    """Our cfsgd (lexico off) against FBGEMM COUNTER_SGD configured to the same rule."""
+    """Our cfsgd (lexico off) against FBGEMM COUNTER_SGD configured to the same rule (FBGEMM's fixed ub)."""
     tables = [EmbeddingBagConfig(num_embeddings=30, embedding_dim=4, name="tc", feature_names=["p", "p2"])]
     kw = dict(lr=0.1, adjustment_ub=2.0, counter_halflife=halflife, adjustment_iter=adj_iter)
-    ours = build(tables, emb_config({"tc": EmbOptimConfig(name="cfsgd", **kw)}, "table_wise"), True)
+    ours = build(tables, emb_config({"tc": EmbOptimConfig(name="cfsgd", ub_mode="fixed", **kw)}, "table_wise"), True)
     fb = build(tables, emb_config({"tc": EmbOptimConfig(name="counter_sgd", **kw)}, "table_wise"), True)
     copy_weights(ours.dmp, fb.dmp, tables)
     errs = []
@@ -329,7 +367,7 @@ def dcp_cfg():
 
 def snapshot(dmp, tables) -> Dict[str, list]:
     out = {f"W_{n}": w.tolist() for n, w in weights_of(dmp, tables).items()}
-    for key in ("momentum1", "last_step", "step"):
+    for key in ("momentum1", "last_step", "step", "ub_sum", "ub_count"):
         for n, v in opt_state_of(dmp, tables, key).items():
             out[f"{key}_{n}"] = v.tolist()
     return out

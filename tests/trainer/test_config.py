@@ -74,3 +74,17 @@ def test_toml_configs_supported(tmp_path):
     p.write_text('[model]\nname = "autoint"\n[train]\nepochs = 7\n')
     cfg = load_config(str(p))
     assert cfg.model.name == "autoint" and cfg.train.epochs == 7
+
+
+def test_switching_the_optimizer_alone_gives_its_own_default_lr():
+    """A user who writes only --embedding.optimizer.name=X gets X's default step size (DEFAULT_LR), not
+    the lr another optimizer needed; an explicit lr still wins and the saved config records the value."""
+    from trainer.optim.names import DEFAULT_LR
+
+    for name in ("cfsgd", "exact_rowwise_adagrad", "exact_sgd", "rowwise_adagrad"):
+        cfg = load_config(str(REPO / "configs/movielens_deepfm.yaml"), [f"--embedding.optimizer.name={name}"])
+        assert cfg.embedding.optimizer.lr == DEFAULT_LR[name]
+    assert DEFAULT_LR["cfsgd"] != DEFAULT_LR["exact_rowwise_adagrad"]
+    cfg = load_config(str(REPO / "configs/movielens_deepfm.yaml"),
+                      ["--embedding.optimizer.name=cfsgd", "--embedding.optimizer.lr=0.7"])
+    assert cfg.embedding.optimizer.lr == 0.7

@@ -70,3 +70,33 @@ def test_checkpoint_saved_by_two_ranks_loads_with_one(tiny_ml, tmp_path):
     # same weights, other reduction order (row/column-wise partial sums): equal up to float reassociation
     assert got["auc"] == pytest.approx(want["auc"], abs=1e-5)
     assert got["logloss"] == pytest.approx(want["logloss"], abs=1e-6)
+
+
+def test_evaluate_writes_per_example_predictions_as_parquet(tiny_ml, tmp_path):
+    """--predictions: one file on 1 rank, one part per rank on 2; rows index the split in file order,
+    every example exactly once, and the predictions give back the reported metrics."""
+    import pyarrow.parquet as pq
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    run_trainer(tmp_path / "run", tiny_ml, 1, "--train.epochs=1", "--train.max_steps=5")
+    ck = _last_ckpt(tmp_path / "run")
+    one, two = tmp_path / "pred.parquet", tmp_path / "pred2"
+    proc = run_trainer(tmp_path / "run", tiny_ml, 1, "--checkpoint", str(ck), "--split", "valid",
+                       "--predictions", str(one), command="evaluate")
+    got = json.loads(proc.stdout[proc.stdout.index("{"):])
+    t = pq.read_table(one)
+    n = got["metrics"]["all"]["examples"]
+    assert t.column_names == ["row", "label", "prediction", "logit"] and t.num_rows == n
+    assert t.column("row").to_pylist() == list(range(n))
+    y, p = t.column("label").to_numpy(), t.column("prediction").to_numpy()
+    labels = pq.read_table(tiny_ml / "valid").column("label").to_numpy()
+    assert (y == labels).all()                               # row i is the split's row i
+    assert roc_auc_score(y, p) == pytest.approx(got["metrics"]["all"]["auc"], abs=1e-4)
+    assert log_loss(y, p.astype(float)) == pytest.approx(got["metrics"]["all"]["logloss"], abs=1e-4)
+    run_trainer(tmp_path / "run", tiny_ml, 2, "--checkpoint", str(ck), "--split", "valid",
+                "--predictions", str(two), command="evaluate")
+    parts = sorted(p.name for p in two.iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet"]
+    t2 = pq.read_table(two).sort_by("row")
+    assert t2.column("row").to_pylist() == list(range(n))
+    assert abs(t2.column("logit").to_numpy() - t.column("logit").to_numpy()).max() < 1e-4

@@ -3,6 +3,7 @@ FRAGE run whose discriminator survives a resume."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,95 @@ def test_frage_select_run_reports_groups_and_resumes_discriminator(tiny_ml, tmp_
     assert r["history"][-1]["transfer"]["movie_id"]["frage_d_steps"] == pytest.approx(4.5)   # 4, 5: restored
     for g in ("twin", "loner", "other", "tail"):
         assert g in r["best"]["test"]
+
+
+def _flush_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from trainer.transfer_wiring import TransferRuntime
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    rt = TransferRuntime.__new__(TransferRuntime)        # only the metric accumulator is exercised
+    rt.domains = {"movie_id": _domain()}
+    # rank 1 owns movie_id's rows: only it has lambda statistics; both ranks computed the transfer loss
+    rt._acc = {"movie_id": {"transfer_loss": [1.0, 3.0]} if rank == 0 else
+               {"transfer_loss": [5.0], "lambda_p50": [2.0, 4.0], "lambda_max": [9.0]}}
+    got = rt.flush_metrics()["movie_id"]
+    (Path(out) / f"{rank}.json").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_lambda_statistics_of_the_owner_rank_reach_every_rank(tmp_path):
+    """Under table_wise sharding only the owner rank has a table's lambda statistics; flush_metrics (run
+    at every evaluation) merges them, so rank 0 writes them to results.json and its log."""
+    import torch.multiprocessing as mp
+
+    from trainer.launch import free_port
+
+    mp.spawn(_flush_worker, args=(2, f"tcp://127.0.0.1:{free_port()}", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["lambda_p50"] == pytest.approx(3.0) and got["lambda_max"] == pytest.approx(9.0)
+        assert got["transfer_loss"] == pytest.approx((2.0 + 5.0) / 2)   # per-rank means, averaged
+
+
+def test_neighbor_anchor_is_the_row_of_the_neighbor_id_when_it_is_in_the_batch():
+    from trainer.train_module import _anchor_pairs
+
+    # batch ids of movie_id (unique, sorted) and the example holding each first; targets 5, 7, 9
+    s_ids, s_first = torch.tensor([1, 3, 5, 7, 9]), torch.tensor([0, 1, 2, 3, 4])
+    t_first = torch.tensor([2, 3, 4])
+    nb = torch.tensor([3, 8, -1])            # 5 -> 3 (in the batch), 7 -> 8 (not in it), 9 -> none
+    rows = torch.arange(5, dtype=torch.float).unsqueeze(1).repeat(1, 4)
+    pooled = {"movie_id": rows, "movie_id__shadow": rows * 10}
+    src, tgt, ok = _anchor_pairs(nb, s_ids, s_first, t_first, pooled, "movie_id", 3)
+    assert src.tolist() == [[1.0] * 3] and tgt.tolist() == [[20.0] * 3] and ok.tolist() == [True, False, False]
+    src, tgt, _ = _anchor_pairs(nb, s_ids[:0], s_first[:0], t_first, pooled, "movie_id", 3)
+    assert src.shape == (0, 3) and tgt.shape == (0, 3)
+
+
+def test_lexico_weight_scales_the_transfer_loss_and_zero_is_the_matched_step_control():
+    from trainer.transfer_wiring import TransferRuntime
+
+    for mode, weight, lexico_weight, want in (("lexico", 0.01, 1.0, 1.0), ("both", 0.01, 0.0, 0.0),
+                                              ("select", 0.05, 0.0, 0.05)):
+        cfg = Config()
+        cfg.transfer.mode, cfg.transfer.features = mode, ["movie_id"]
+        cfg.transfer.weight, cfg.transfer.lexico_weight = weight, lexico_weight
+        assert TransferRuntime(cfg, {"movie_id": _domain()}, torch.device("cpu")).coef == want
+
+
+def test_csv_eval_groups_map_raw_ids_and_refuse_bad_lines(tiny_ml, tmp_path):
+    from data.writer import load_vocab
+    from trainer.transfer_wiring import MAX_EVAL_GROUPS, csv_groups
+
+    vocab = load_vocab(tiny_ml, "movie_id")
+    f = tmp_path / "groups.csv"
+    f.write_text(f"id,group\n{vocab[3]},drama\n{vocab[5]},kids\n{vocab[7]},drama\nnot-an-id,kids\n\n")
+    arr, names = csv_groups(tiny_ml, "movie_id", f)
+    assert names == ("drama", "kids")
+    assert arr[3] == 0 and arr[5] == 1 and arr[7] == 0 and (arr == -1).sum() == len(vocab) - 3
+    for text, match in ((f"{vocab[1]},a,b\n", r"groups.csv:1: expected '<feature id>,<group>', got 3"),
+                        (f"{vocab[1]},a\n{vocab[2]},b\n{vocab[1]},c\n", r"groups.csv:3: id .* in group 'a' at line 1"),
+                        (f"{vocab[1]},tail\n", r"groups.csv:1: group name 'tail' is empty or reserved"),
+                        ("".join(f"{vocab[i]},g{i}\n" for i in range(MAX_EVAL_GROUPS + 1)),
+                         rf"groups.csv:{MAX_EVAL_GROUPS + 1}: more than {MAX_EVAL_GROUPS} groups")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            csv_groups(tiny_ml, "movie_id", f)
+
+
+@pytest.mark.dist
+def test_a_run_reports_the_users_csv_segments(tiny_ml, tmp_path):
+    from data.writer import load_vocab
+
+    vocab = load_vocab(tiny_ml, "movie_id")
+    seg = tmp_path / "segments.csv"
+    seg.write_text("".join(f"{v},{'even' if i % 2 == 0 else 'odd'}\n" for i, v in enumerate(vocab)))
+    run = tmp_path / "run"
+    run_trainer(run, tiny_ml, 1, f"--transfer.eval_groups={seg}", "--train.epochs=1", "--train.max_steps=3",
+                "--metrics.enabled=true", f"--metrics.base_port={__import__('trainer.launch').launch.free_port()}")
+    test = results(run)["best"]["test"]
+    assert test["even"]["examples"] + test["odd"]["examples"] == test["all"]["examples"] > 0
+    assert 0.0 <= test["even"]["auc"] <= 1.0

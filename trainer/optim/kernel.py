@@ -170,6 +170,9 @@ class TailrecTBE(nn.Module):
         for name, t in rules.init_state(cfg, self.r_off[-1], device).items():
             self.register_buffer(name, t)
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
+        # per-table state of ub_mode="table": [table, (ub_sum, ub_count)], float64 (a sum over many steps)
+        self.register_buffer("ub_stat", torch.zeros(len(rows) if cfg.table_ub else 0, 2, dtype=torch.float64,
+                                                    device=device))
         self._placeholder = torch.zeros(0, device=device, requires_grad=True)
         # build/load the compiled op now, not inside the first (timed) training step
         self.backend = backend(self._placeholder.device)
@@ -200,7 +203,11 @@ class TailrecTBE(nn.Module):
     # ---- duck-typed optimizer API that TorchRec's EmbeddingFusedOptimizer calls ----------
     def get_optimizer_state(self) -> List[Dict[str, Tensor]]:
         per_row = {n: self.split_state(n) for n in self.cfg.state_names()}
-        return [{**{n: per_row[n][t] for n in per_row}, "step": self.step} for t in range(len(self.rows))]
+        # per-table values as 1-element views: TorchRec treats them as single-value states (like "step")
+        per_table = {n: [self.ub_stat[t, i:i + 1] for t in range(len(self.rows))]
+                     for i, n in enumerate(self.cfg.table_state_names())}
+        return [{**{n: per_row[n][t] for n in per_row}, **{n: per_table[n][t] for n in per_table},
+                 "step": self.step} for t in range(len(self.rows))]
 
     def get_learning_rate(self) -> float:
         return self.cfg.lr
@@ -292,7 +299,8 @@ class TailrecTBE(nn.Module):
                 feat_col=torch.tensor(self.col_off[:-1], **i64),
                 row_off=torch.tensor(self.r_off[:-1], **i64),
                 w_off=torch.tensor(self.w_off[:-1], **i64),
-                dim=torch.tensor(self.dims, **i64))
+                dim=torch.tensor(self.dims, **i64),
+                row_bounds=torch.tensor(self.r_off, **i64))
         return self._meta
 
     def _state(self) -> Dict[str, Tensor]:
@@ -310,18 +318,18 @@ class TailrecTBE(nn.Module):
             empty if psw is None else psw.float().contiguous(), grad,
             m.feat_table, m.feat_shadow, m.feat_col, m.row_off, m.w_off, m.dim, self._slot, self.weights,
             st.get("counter", empty), st.get("last_step", torch.empty(0, dtype=torch.int32)),
-            st.get("adagrad_sum", empty), self.step, empty if loss is None else loss,
+            st.get("adagrad_sum", empty), self.ub_stat, self.step, empty if loss is None else loss,
             hf + [float(scale)], hi + [int(self.pooling == "mean")])
 
     def _update_triton(self, seg: Segments, grad: Tensor, loss: Optional[Tensor], scale: float
                        ) -> Tuple[Tensor, Tensor, Tensor]:
         m = self._meta_tensors()
-        return _triton(required=True).update(seg, grad, m.row_off, m.w_off, m.dim, max(self.dims), self.weights,
-                                             self._state(), self.step, loss, scale, self.cfg, self.any_shadow)
+        return _triton(required=True).update(seg, grad, m, max(self.dims), self.weights, self._state(), self.ub_stat,
+                                             self.step, loss, scale, self.cfg, self.any_shadow)
 
     def _update_torch(self, seg: Segments, grad: Tensor, loss: Optional[Tensor], scale: float
                       ) -> Tuple[Tensor, Tensor, Tensor]:
-        """rules.apply_step over the sorted segments, one call per distinct dim (n slots like Triton)."""
+        """rules.apply_step over the sorted segments, table by table (n slots like Triton)."""
         n, dev, m = seg.n, grad.device, self._meta_tensors()
         keys = torch.full((n,), -1, dtype=torch.int64, device=dev)
         lam_all = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -349,23 +357,27 @@ class TailrecTBE(nn.Module):
         valid = torch.arange(n, device=dev) < seg.num_rows
         keys = torch.where(valid, key_u, keys)
         loss_v = None if loss is None else loss * scale
-        for D in sorted(set(self.dims)):
-            sel = valid & (m.dim.index_select(0, tab_u) == D)
+        table_names = self.cfg.table_state_names()
+        for t, D in enumerate(self.dims):
+            sel = valid & (tab_u == t)
             if self.cfg.lexico:
                 sel &= n_main > 0          # transfer-only rows: nothing certified, not counted
             u = sel.nonzero().squeeze(1)
             if u.numel() == 0:
                 continue
             rows = key_u[u]
-            waddr = (m.w_off.index_select(0, tab_u[u]) + (rows - m.row_off.index_select(0, tab_u[u])) * D
-                     ).unsqueeze(1) + torch.arange(D, device=dev)
+            waddr = (self.w_off[t] + (rows - self.r_off[t]) * D).unsqueeze(1) + torch.arange(D, device=dev)
             state = {k: v.index_select(0, rows) for k, v in self._state().items()}
+            table = {k: self.ub_stat[t, i] for i, k in enumerate(table_names)}
             res = rules.apply_step(self.cfg, self.weights[waddr], g[u, :D], state, self.step[0],
                                    h=h[u, :D] if self.any_shadow else None,
-                                   has_h=(n_sh[u] > 0) if self.any_shadow else None, loss=loss_v)
+                                   has_h=(n_sh[u] > 0) if self.any_shadow else None, loss=loss_v,
+                                   table_state=table or None)
             self.weights[waddr] = res.rows
             for k, v in res.state.items():
                 getattr(self, k).index_copy_(0, rows, v)
+            for i, k in enumerate(table_names):
+                self.ub_stat[t, i] = res.table_state[k]
             upd_all[u] = True
             if res.lam is not None:
                 lam_all[u] = res.lam.float()

@@ -13,7 +13,8 @@ from typing import Dict, List, Tuple
 from trainer.optim.rules import RuleConfig
 
 SCALARS = ("lr", "eps", "halflife", "ub", "horizon", "lr_max", "alpha", "lam_max", "h_clip", "adj_iter")
-SWITCHES = ("ADAGRAD", "HL_MODE", "PAPER", "HAS_LR_MAX", "WARMUP", "LEXICO", "HAS_LAM_MAX", "H_CLIP", "APPLY_ALL")
+SWITCHES = ("ADAGRAD", "HL_MODE", "PAPER", "HAS_LR_MAX", "WARMUP", "LEXICO", "HAS_LAM_MAX", "H_CLIP", "APPLY_ALL",
+            "TABLE_UB")
 
 
 def launch_params(cfg: RuleConfig) -> Tuple[Dict[str, float], Dict[str, int]]:
@@ -34,6 +35,7 @@ def launch_params(cfg: RuleConfig) -> Tuple[Dict[str, float], Dict[str, int]]:
         HAS_LAM_MAX=int(math.isfinite(cfg.lexico_lambda_max)),
         H_CLIP=int(cfg.lexico_h_clip > 0),
         APPLY_ALL=int(cfg.lexico_apply_to_all),
+        TABLE_UB=int(cfg.table_ub),       # ub = adjustment_ub x the table's running mean of mean_d(d^2)
     )
     assert tuple(scalars) == SCALARS and tuple(switches) == SWITCHES
     return scalars, switches

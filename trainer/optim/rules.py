@@ -18,6 +18,13 @@ Rules (docs/ALGORITHMS.md §1-3):
     eta = min(lr_max, lr / (sqrt(ub * c * T / t) + eps)) with T = ``horizon`` (the planned number of
     steps; 0 = use t, which gives the fbgemm form). A row seen at a steady rate keeps a constant step.
   c >= 1 after the update, so eps is never needed for safety.
+* Gradient-scale prior ub (``ub_mode``): FBGEMM's ``adjustment_ub`` is a fixed prior on the mean squared
+  gradient ("fixed"). "table" (ours) estimates it per table: ub = adjustment_ub * mean over the steps
+  that touched the table of x_t, x_t = the mean over the rows updated at step t of mean_d(d^2) (d the
+  applied direction). Then eta = lr / sqrt(ub c) is rowwise Adagrad's lr / sqrt(sum of mean_d d^2) with
+  each row's own sum replaced by (its count) x (the table's mean square): the step no longer depends on
+  the loss scale, batch size or world size, so one lr carries over; per-row state stays the counter,
+  plus two floats per table.
 * Warm-up (adjustment_iter > 0): while step <= adjustment_iter the row uses rowwise Adagrad
   (as FBGEMM: "adjust only when iter > adjustment_iter"). Needs the Adagrad sum, so that
   state is only allocated when warm-up is configured.
@@ -37,7 +44,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from trainer.optim.names import COUNTER_FORMS, STEP_RULES
+from trainer.optim.names import COUNTER_FORMS, STEP_RULES, UB_MODES
 
 # Only guards the division when ||g||^2 underflows; rows with g == 0 are handled explicitly,
 # so for every other row lambda is exact and the barrier constraint holds.
@@ -65,6 +72,7 @@ class RuleConfig:
     # Rows without a transfer gradient: True = faithful Algorithm 1 (lambda from h = 0),
     # False = plain main gradient (lambda = 1). docs/ALGORITHMS.md §3 edge case 2.
     lexico_apply_to_all: bool = True
+    ub_mode: str = "fixed"            # "fixed": adjustment_ub | "table": adjustment_ub x the table's mean d^2
     shadow_suffix: str = "__shadow"
 
     def __post_init__(self) -> None:
@@ -76,6 +84,8 @@ class RuleConfig:
             raise ValueError(f"counter_form {self.counter_form!r} not in {COUNTER_FORMS}")
         if self.horizon < 0:
             raise ValueError("horizon must be >= 0")
+        if self.ub_mode not in UB_MODES:
+            raise ValueError(f"ub_mode {self.ub_mode!r} not in {UB_MODES}")
 
     @property
     def warmup(self) -> bool:
@@ -96,6 +106,14 @@ class RuleConfig:
     def state_bytes_per_row(self) -> int:
         return 4 * len(self.state_names())
 
+    @property
+    def table_ub(self) -> bool:
+        return self.step_rule == "cfsgd" and self.ub_mode == "table"
+
+    def table_state_names(self) -> Tuple[str, ...]:
+        """Per-table (not per-row) state: the running sum and count of x_t for ub_mode="table"."""
+        return ("ub_sum", "ub_count") if self.table_ub else ()
+
 
 def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
     """Build from trainer.config.EmbOptimConfig (duck-typed to keep this module pure)."""
@@ -110,6 +128,7 @@ def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
         adjustment_iter=int(cfg.adjustment_iter), lr_max=float(cfg.lr_max),
         lexico=bool(cfg.lexico), lexico_alpha=float(cfg.lexico_alpha),
         lexico_lambda_max=float(cfg.lexico_lambda_max), lexico_h_clip=float(cfg.lexico_h_clip),
+        ub_mode=str(getattr(cfg, "ub_mode", "fixed")),
     )
     if hasattr(cfg, "lexico_apply_to_all"):
         kw["lexico_apply_to_all"] = bool(cfg.lexico_apply_to_all)
@@ -136,13 +155,25 @@ def update_counter(cfg: RuleConfig, counter: Tensor, last_step: Optional[Tensor]
     return 1.0 + decay * counter, torch.full_like(last_step, step)
 
 
-def cfsgd_lr(cfg: RuleConfig, counter: Tensor, step: int = 1) -> Tensor:
-    """Per-row step size from the updated counters at global ``step`` (>= 1)."""
-    scale = cfg.adjustment_ub
+def cfsgd_lr(cfg: RuleConfig, counter: Tensor, step: int = 1, ub: Optional[Tensor] = None) -> Tensor:
+    """Per-row step size from the updated counters at global ``step`` (>= 1); ``ub`` overrides
+    ``adjustment_ub`` (the table's estimate, ub_mode="table")."""
+    scale = cfg.adjustment_ub if ub is None else ub
     if cfg.counter_form == "paper" and cfg.horizon > 0:
-        scale = cfg.adjustment_ub * cfg.horizon / max(int(step), 1)   # ub * T / t:  c T / t = T / p_hat
+        scale = scale * cfg.horizon / max(int(step), 1)   # ub * T / t:  c T / t = T / p_hat
     eta = cfg.lr / ((scale * counter).sqrt() + cfg.eps)
     return eta.clamp_max(cfg.lr_max) if math.isfinite(cfg.lr_max) else eta
+
+
+def table_ub_update(cfg: RuleConfig, table_state: Dict[str, Tensor], d: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """ub_mode="table": fold this step's x_t = mean_rows mean_d(d^2) into the table's running mean.
+    Returns (ub, new table state); a step with no rows leaves the state as it is."""
+    if d.shape[0] == 0:
+        total, n = table_state["ub_sum"], table_state["ub_count"]
+        return cfg.adjustment_ub * total / n.clamp_min(1), dict(table_state)
+    x = d.double().square().mean()
+    total, n = table_state["ub_sum"] + x, table_state["ub_count"] + 1
+    return cfg.adjustment_ub * total / n, {"ub_sum": total, "ub_count": n}
 
 
 def adagrad_update(cfg: RuleConfig, ssum: Tensor, direction: Tensor) -> Tuple[Tensor, Tensor]:
@@ -186,14 +217,16 @@ class StepResult:
     state: Dict[str, Tensor]     # updated per-row state (same keys as given)
     eta: Tensor                  # per-row step size [n]
     lam: Optional[Tensor]        # lexico lambda [n] or None
+    table_state: Optional[Dict[str, Tensor]] = None   # per-table state (ub_mode="table")
 
 
 def apply_step(cfg: RuleConfig, rows: Tensor, g: Tensor, state: Dict[str, Tensor], step: int,
                h: Optional[Tensor] = None, has_h: Optional[Tensor] = None,
-               loss: Optional[float] = None) -> StepResult:
-    """One optimizer step for the n unique rows touched at global `step` (>= 1).
+               loss: Optional[float] = None, table_state: Optional[Dict[str, Tensor]] = None) -> StepResult:
+    """One optimizer step for the n unique rows touched at global `step` (>= 1), all of one table.
 
     Without lexico the direction is g (+ h when a transfer stream exists: plain "+T" sum).
+    ``table_state`` (0-d float64 ``ub_sum`` / ``ub_count``) is required with ub_mode="table".
     """
     lam = None
     if cfg.lexico:
@@ -205,13 +238,17 @@ def apply_step(cfg: RuleConfig, rows: Tensor, g: Tensor, state: Dict[str, Tensor
         d, lam = res.direction, res.lam
     else:
         d = g if h is None else g + h
-    new_state = dict(state)
-    eta = _step_size(cfg, new_state, d, step)
+    new_state, ub, new_table = dict(state), None, None
+    if cfg.table_ub:
+        if table_state is None:
+            raise ValueError("ub_mode='table' needs the table's state (ub_sum, ub_count)")
+        ub, new_table = table_ub_update(cfg, table_state, d)
+    eta = _step_size(cfg, new_state, d, step, ub)
     return StepResult(rows=rows - eta.unsqueeze(1).to(rows.dtype) * d.to(rows.dtype),
-                      state=new_state, eta=eta, lam=lam)
+                      state=new_state, eta=eta, lam=lam, table_state=new_table)
 
 
-def _step_size(cfg: RuleConfig, state: Dict[str, Tensor], d: Tensor, step: int) -> Tensor:
+def _step_size(cfg: RuleConfig, state: Dict[str, Tensor], d: Tensor, step: int, ub: Optional[Tensor] = None) -> Tensor:
     """Updates `state` (a fresh dict) in place of its entries and returns eta [n]."""
     if cfg.step_rule == "rowwise_adagrad":
         state["adagrad_sum"], eta = adagrad_update(cfg, state["adagrad_sum"], d)
@@ -219,7 +256,7 @@ def _step_size(cfg: RuleConfig, state: Dict[str, Tensor], d: Tensor, step: int) 
     state["counter"], last = update_counter(cfg, state["counter"], state.get("last_step"), step)
     if last is not None:
         state["last_step"] = last
-    eta = cfsgd_lr(cfg, state["counter"], step)
+    eta = cfsgd_lr(cfg, state["counter"], step, None if ub is None else ub.to(state["counter"].dtype))
     if cfg.warmup:
         # FBGEMM keeps the Adagrad sum current in every step, warm-up or not.
         state["adagrad_sum"], eta_ada = adagrad_update(cfg, state["adagrad_sum"], d)

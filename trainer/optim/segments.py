@@ -36,6 +36,7 @@ class FeatureMeta:
     row_off: Tensor     # [T] int64 first global row of the table
     w_off: Tensor       # [T] int64 first weight element of the table
     dim: Tensor         # [T] int64
+    row_bounds: Tensor  # [T + 1] int64 row_off and the total row count
 
 
 def sort_lookups(indices: Tensor, offsets: Tensor, psw: Optional[Tensor], grad: Tensor, meta: FeatureMeta,

@@ -1,4 +1,5 @@
-"""Transfer losses on embedding rows (harmless transfer, Gong et al. 2022): MMD, CosReg, FRAGE.
+"""Transfer losses on embedding rows (harmless transfer, Gong et al. 2022): MMD, CosReg, FRAGE, and our
+co-occurrence ``neighbor`` anchor.
 
 Pure PyTorch, no TorchRec: the trainer looks up the batch's rows of one table, splits them with
 ``split_rows`` into source (frequent) and target (rare) rows and calls ``loss(source, target)``.
@@ -36,6 +37,7 @@ __all__ = [
     "MMDLoss",
     "CosRegLoss",
     "FrageLoss",
+    "NeighborLoss",
     "build_transfer_loss",
     "split_rows",
 ]
@@ -70,12 +72,13 @@ class TransferLoss(nn.Module):
     """Base class: ``loss(source_rows, target_rows)``, ``after_step()``, ``metrics()``."""
 
     name = "base"
+    paired = False      # True: source_rows[j] is the anchor of target_rows[j] (NeighborLoss)
 
     def loss(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
-        return self.loss(source_rows, target_rows)
+    def forward(self, source_rows: Tensor, target_rows: Tensor, *args: Any) -> Tensor:
+        return self.loss(source_rows, target_rows, *args)
 
     def after_step(self) -> None:
         """End-of-training-step hook; stateless losses need nothing."""
@@ -168,17 +171,25 @@ class MMDLoss(TransferLoss):
 
 # -------------------------------------------------------------------------------------------- CosReg
 class CosRegLoss(TransferLoss):
-    """R = ||mean_i w_i/||w_i|| ||^2 = (1/N^2) sum_i sum_j cos(w_i, w_j) (Gao et al. 2019).
+    """Cosine regularisation (Gao et al. 2019), the harmless paper's CosReg, in two forms.
 
-    Computed in O(N d) via the mean of unit vectors. Over the target rows, and the (detached) source
-    rows too when ``include_source``: then the target rows also cancel the source rows' mean direction.
+    * ``form="batch_mean"`` (ours): R = ||mean_i w_i/||w_i|| ||^2 = (1/N^2) sum_i sum_j cos(w_i, w_j) over
+      the batch's target rows (and the detached source rows when ``include_source``), diagonal included.
+    * ``form="paper"``: the paper's (1/(N(N-1))) sum_i sum_{j != i} cos(w_i, w_j), averaged over distinct
+      pairs of every sampled row, target and (detached) source: (||sum_i u_i||^2 - N) / (N (N - 1)).
+      The paper sums over the whole vocabulary; we sample the batch's rows, as every transfer loss here.
+    Both cost O(N d) through the sum of unit vectors.
     """
 
     name = "cosreg"
+    FORMS = ("batch_mean", "paper")
 
-    def __init__(self, include_source: bool = False, eps: float = 1e-12) -> None:
+    def __init__(self, include_source: bool = False, eps: float = 1e-12, form: str = "batch_mean") -> None:
         super().__init__()
-        self.include_source = include_source
+        if form not in self.FORMS:
+            raise ValueError(f"cosreg form {form!r} not in {self.FORMS}")
+        self.include_source = include_source or form == "paper"
+        self.form = form
         self.eps = eps
 
     def loss(self, source_rows: Tensor, target_rows: Tensor) -> Tensor:
@@ -190,11 +201,50 @@ class CosRegLoss(TransferLoss):
             count = t.shape[0] + s.shape[0]
         else:
             total, count = t.sum(0), t.shape[0]
-        if t.shape[0] == 0:
-            # Nothing to regularise (a source-only term has no trainable rows).
+        if t.shape[0] == 0 or (self.form == "paper" and count < 2):
+            # Nothing to regularise (a source-only term has no trainable rows; one row has no pair).
             return self._record(_zero_like_graph(target_rows))
+        if self.form == "paper":
+            return self._record(((total * total).sum() - count) / (count * (count - 1)))
         mean = total / count
         return self._record((mean * mean).sum())
+
+
+# ------------------------------------------------------------------------------------------ neighbor
+class NeighborLoss(TransferLoss):
+    """Ours: pull each rare row toward its co-occurrence neighbor's row (docs/ALGORITHMS.md §4).
+
+    ``loss(anchors [n, d], target_rows [n, d])``: the rows are *paired* (``paired = True``): anchor j is
+    the current (detached) row of the source id whose co-occurrence profile is closest to target j's
+    (``data.selective``: neighbor(i) = argmax_{s in S} cos(c_i, c_s)). l = mean_j 1/2 ||t_j - a_j||^2.
+    The distribution-level losses (MMD, CosReg, FRAGE) move the rare rows toward *some* frequent region;
+    this one moves each toward the one frequent id it resembles, the prior a cold-start id needs.
+    """
+
+    name = "neighbor"
+    paired = True
+
+    def loss(self, source_rows: Tensor, target_rows: Tensor, weights: Tensor | None = None) -> Tensor:
+        """``weights`` [n] (optional): per-row strength w_j, l = (1/n) sum_j w_j 1/2 ||t_j - a_j||^2."""
+        _check_rows(source_rows, target_rows)
+        if source_rows.shape[0] != target_rows.shape[0]:
+            raise ValueError(f"neighbor loss pairs rows: {source_rows.shape[0]} anchors for {target_rows.shape[0]} rows")
+        t = _as_float(target_rows)
+        if t.shape[0] == 0:
+            return self._record(_zero_like_graph(target_rows))
+        a = _as_float(source_rows).detach()
+        per_row = 0.5 * (t - a).square().sum(1)
+        if weights is not None:
+            per_row = per_row * weights.to(per_row.dtype)
+        return self._record(per_row.mean())
+
+    def set_coverage(self, covered: Tensor) -> None:
+        """Fraction of the batch's target rows whose neighbor row was in the batch (kept as a tensor)."""
+        self._coverage_t = covered.detach()
+
+    def metrics(self) -> dict[str, float]:
+        cov = getattr(self, "_coverage_t", None)
+        return {"transfer_loss": self._last(), "anchor_coverage": float(cov) if cov is not None else math.nan}
 
 
 # --------------------------------------------------------------------------------------------- FRAGE
@@ -347,13 +397,16 @@ def build_transfer_loss(cfg: Any, dim: int, device: torch.device | str = "cpu", 
     if name == "mmd":
         mod: TransferLoss = MMDLoss(list(cfg.mmd_sigma_scales))
     elif name == "cosreg":
-        mod = CosRegLoss(include_source=bool(getattr(cfg, "cosreg_include_source", False)))
+        mod = CosRegLoss(include_source=bool(getattr(cfg, "cosreg_include_source", False)),
+                         form=str(getattr(cfg, "cosreg_form", "batch_mean")))
+    elif name == "neighbor":
+        mod = NeighborLoss()
     elif name == "frage":
         mod = FrageLoss(dim, lr=float(cfg.frage_lr), hidden=int(getattr(cfg, "frage_hidden", 0)),
                         weight_decay=float(getattr(cfg, "frage_weight_decay", 0.0)), seed=seed,
                         device=device)
     else:
-        raise ValueError(f"unknown transfer loss {name!r}; expected one of mmd, cosreg, frage")
+        raise ValueError(f"unknown transfer loss {name!r}; expected one of mmd, cosreg, frage, neighbor")
     return mod
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from trainer.optim.kernel_params import launch_params
 from trainer.optim.rules import RuleConfig
-from trainer.optim.segments import Segments
+from trainer.optim.segments import FeatureMeta, Segments
 
 
 @triton.jit
@@ -88,12 +88,12 @@ def _lexico(g, h, has_h, loss, alpha, lam_max, h_clip,
 def _update_rows_kernel(
         key_ptr, gaddr_ptr, wt_ptr, sh_ptr, tab_ptr, seg_ptr, nseg_ptr, grad_ptr,
         row_off_ptr, w_off_ptr, dim_ptr,
-        w_ptr, cnt_ptr, last_ptr, ada_ptr, step_ptr, loss_ptr, loss_scale,
+        w_ptr, cnt_ptr, last_ptr, ada_ptr, ub_ptr, x_ptr, step_ptr, loss_ptr, loss_scale,
         out_key_ptr, out_lam_ptr, out_upd_ptr,
         lr, eps, halflife, ub, horizon, lr_max, alpha, lam_max, h_clip, adj_iter,
         ADAGRAD: tl.constexpr, HL_MODE: tl.constexpr, PAPER: tl.constexpr, HAS_LR_MAX: tl.constexpr,
         WARMUP: tl.constexpr, LEXICO: tl.constexpr, HAS_LAM_MAX: tl.constexpr, H_CLIP: tl.constexpr,
-        APPLY_ALL: tl.constexpr, HAS_SHADOW: tl.constexpr,
+        APPLY_ALL: tl.constexpr, TABLE_UB: tl.constexpr, STATS: tl.constexpr, HAS_SHADOW: tl.constexpr,
         ROWS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     n_rows = tl.load(nseg_ptr)
@@ -121,49 +121,57 @@ def _update_rows_kernel(
             else:
                 d = g + h
                 do_update = n_main >= 0
+            Df = D.to(tl.float32)
             tl.store(out_key_ptr + u, key)
-            tl.store(out_lam_ptr + u, lam)
             tl.store(out_upd_ptr + u, do_update.to(tl.int8))
-            if do_update:
-                Df = D.to(tl.float32)
-                if ADAGRAD:
-                    ssum = tl.load(ada_ptr + key) + tl.sum(d * d, axis=0) / Df
-                    tl.store(ada_ptr + key, ssum)
-                    eta = lr / (tl.sqrt_rn(ssum) + eps)
-                else:
-                    c = tl.load(cnt_ptr + key)
-                    if HL_MODE == 0:
-                        c = c + 1.0
-                    elif HL_MODE == 1:
-                        c = c * 0.0 + 1.0
-                    else:
-                        last = tl.load(last_ptr + key)
-                        delta = tl.where(last > 0, step - last.to(tl.int64), 1)
-                        c = 1.0 + tl.exp2(-delta.to(tl.float32) / halflife) * c
-                        tl.store(last_ptr + key, step.to(tl.int32))
-                    tl.store(cnt_ptr + key, c)
-                    scale = ub
-                    if PAPER:
-                        scale = ub * (horizon / tl.maximum(stepf, 1.0))   # c T / t = T / p_hat
-                    eta = lr / (tl.sqrt_rn(scale * c) + eps)
-                    if HAS_LR_MAX:
-                        eta = tl.minimum(eta, lr_max)
-                    if WARMUP:
+            if STATS:
+                # pass 1 of ub_mode="table": x = mean_d(d^2) of every row that will be updated
+                tl.store(x_ptr + u, tl.where(do_update, tl.sum(d * d, axis=0) / Df, 0.0))
+            else:
+                tl.store(out_lam_ptr + u, lam)
+            if not STATS:
+                if do_update:
+                    if ADAGRAD:
                         ssum = tl.load(ada_ptr + key) + tl.sum(d * d, axis=0) / Df
                         tl.store(ada_ptr + key, ssum)
-                        if step <= adj_iter:
-                            eta = lr / (tl.sqrt_rn(ssum) + eps)
-                lrow = key - tl.load(row_off_ptr + t)
-                wp = w_ptr + tl.load(w_off_ptr + t) + lrow * D + cols
-                wrow = tl.load(wp, mask=cmask, other=0.0)
-                tl.store(wp, wrow - eta * d, mask=cmask)
+                        eta = lr / (tl.sqrt_rn(ssum) + eps)
+                    else:
+                        c = tl.load(cnt_ptr + key)
+                        if HL_MODE == 0:
+                            c = c + 1.0
+                        elif HL_MODE == 1:
+                            c = c * 0.0 + 1.0
+                        else:
+                            last = tl.load(last_ptr + key)
+                            delta = tl.where(last > 0, step - last.to(tl.int64), 1)
+                            c = 1.0 + tl.exp2(-delta.to(tl.float32) / halflife) * c
+                            tl.store(last_ptr + key, step.to(tl.int32))
+                        tl.store(cnt_ptr + key, c)
+                        scale = ub
+                        if TABLE_UB:
+                            scale = tl.load(ub_ptr + t)   # the table's ub of this step (between the passes)
+                        if PAPER:
+                            scale = scale * (horizon / tl.maximum(stepf, 1.0))   # c T / t = T / p_hat
+                        eta = lr / (tl.sqrt_rn(scale * c) + eps)
+                        if HAS_LR_MAX:
+                            eta = tl.minimum(eta, lr_max)
+                        if WARMUP:
+                            ssum = tl.load(ada_ptr + key) + tl.sum(d * d, axis=0) / Df
+                            tl.store(ada_ptr + key, ssum)
+                            if step <= adj_iter:
+                                eta = lr / (tl.sqrt_rn(ssum) + eps)
+                    lrow = key - tl.load(row_off_ptr + t)
+                    wp = w_ptr + tl.load(w_off_ptr + t) + lrow * D + cols
+                    wrow = tl.load(wp, mask=cmask, other=0.0)
+                    tl.store(wp, wrow - eta * d, mask=cmask)
 
 
-def update(seg: Segments, grad: Tensor, row_off: Tensor, w_off: Tensor, dim: Tensor, max_dim: int,
-           weights: Tensor, state: Dict[str, Tensor], step: Tensor, loss: Optional[Tensor], loss_scale: float,
-           cfg: RuleConfig, has_shadow: bool, rows_per_prog: int = 4, block_l: int = 32
-           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Apply one step in place; returns (keys, lambda, updated), n slots each (past U: -1, 0, False)."""
+def update(seg: Segments, grad: Tensor, meta: FeatureMeta, max_dim: int, weights: Tensor, state: Dict[str, Tensor],
+           ub_stat: Tensor, step: Tensor, loss: Optional[Tensor], loss_scale: float, cfg: RuleConfig,
+           has_shadow: bool, rows_per_prog: int = 4, block_l: int = 32) -> Tuple[Tensor, Tensor, Tensor]:
+    """Apply one step in place; returns (keys, lambda, updated), n slots each (past U: -1, 0, False).
+    ub_mode="table" takes two launches: the first only measures each row's mean_d(d^2), the table
+    means join `ub_stat` (torch ops on the device), the second applies the steps with them."""
     n, dev = seg.n, weights.device
     out_key = torch.full((n,), -1, dtype=torch.int64, device=dev)
     out_lam = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -172,17 +180,39 @@ def update(seg: Segments, grad: Tensor, row_off: Tensor, w_off: Tensor, dim: Ten
         return out_key, out_lam, out_upd.bool()
     scalars, switches = launch_params(cfg)
     empty_f = weights.new_empty(0)
-    cnt = state.get("counter", empty_f)
-    last = state.get("last_step", torch.empty(0, dtype=torch.int32, device=dev))
-    ada = state.get("adagrad_sum", empty_f)
-    loss_t = loss if loss is not None else empty_f
+    args = (seg.key, seg.gaddr, seg.weight, seg.shadow, seg.table, seg.seg_start, seg.num_rows, grad,
+            meta.row_off, meta.w_off, meta.dim, weights, state.get("counter", empty_f),
+            state.get("last_step", torch.empty(0, dtype=torch.int32, device=dev)), state.get("adagrad_sum", empty_f))
+    tail = (step, loss if loss is not None else empty_f, float(loss_scale), out_key, out_lam, out_upd)
+    consts = dict(**scalars, **switches, HAS_SHADOW=int(has_shadow), ROWS_PER_PROG=rows_per_prog, BLOCK_L=block_l,
+                  BLOCK_D=triton.next_power_of_2(max(max_dim, 1)))
     grid = (triton.cdiv(n, rows_per_prog),)
-    _update_rows_kernel[grid](
-        seg.key, seg.gaddr, seg.weight, seg.shadow, seg.table, seg.seg_start, seg.num_rows, grad,
-        row_off, w_off, dim, weights, cnt, last, ada, step, loss_t, float(loss_scale),
-        out_key, out_lam, out_upd, **scalars, **switches, HAS_SHADOW=int(has_shadow),
-        ROWS_PER_PROG=rows_per_prog, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(max(max_dim, 1)))
+    ub_t = empty_f
+    if switches["TABLE_UB"]:
+        x = torch.zeros(n, dtype=torch.float32, device=dev)
+        _update_rows_kernel[grid](*args, empty_f, x, *tail, **consts, STATS=1)
+        ub_t = _table_ub(out_key, out_upd, x, meta.row_bounds, ub_stat, cfg.adjustment_ub)
+    _update_rows_kernel[grid](*args, ub_t, empty_f, *tail, **consts, STATS=0)
     return out_key, out_lam, out_upd.bool()
+
+
+def _table_ub(keys: Tensor, counted: Tensor, x: Tensor, row_bounds: Tensor, ub_stat: Tensor, adjustment_ub: float
+              ) -> Tensor:
+    """rules.table_ub_update for every table at once: x_t = mean of x over the table's counted rows
+    joins (ub_sum, ub_count) when the table had any; returns ub per table (float32). The rows come
+    sorted by key, so a table's rows are one run: prefix sums, no atomics, same order every time."""
+    total_rows = row_bounds[-1:]
+    k = torch.where(keys >= 0, keys, total_rows)                 # empty slots sort last
+    b = torch.searchsorted(k, row_bounds)
+    w = counted.to(torch.float64)
+    zero = w.new_zeros(1)
+    cs = torch.cat([zero, torch.cumsum(x.to(torch.float64) * w, 0)])
+    cn = torch.cat([zero, torch.cumsum(w, 0)])
+    xs, nu = cs[b[1:]] - cs[b[:-1]], cn[b[1:]] - cn[b[:-1]]
+    has = nu > 0
+    ub_stat[:, 0] += torch.where(has, xs / nu.clamp_min(1), 0.0)
+    ub_stat[:, 1] += has.to(torch.float64)
+    return (adjustment_ub * ub_stat[:, 0] / ub_stat[:, 1].clamp_min(1)).to(torch.float32)
 
 
 def interpreted() -> bool:

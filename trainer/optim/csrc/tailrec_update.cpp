@@ -31,6 +31,7 @@ struct Hyper {
   int64_t adj_iter;
   int64_t adagrad, hl_mode;
   bool paper, has_lr_max, warmup, lexico, has_lam_max, h_clip_on, apply_all;
+  bool table_ub;  // ub = ub x the table's running mean of mean_d(d^2) (rules.table_ub_update)
   int64_t step;  // global step (already advanced for this backward)
   double loss;   // main loss x scale (lexico only)
 };
@@ -148,7 +149,7 @@ __attribute__((always_inline)) inline float mean_sq(const float* __restrict__ d,
 }
 
 template <int DT>
-__attribute__((always_inline)) inline float step_size(const Hyper& hp, int64_t key, const float* d, int64_t D,
+__attribute__((always_inline)) inline float step_size(const Hyper& hp, double ub_base, int64_t key, const float* d, int64_t D,
                        float* counter, int32_t* last, float* ada) {
   if (hp.adagrad) {
     ada[key] += mean_sq<DT>(d, D);
@@ -164,7 +165,7 @@ __attribute__((always_inline)) inline float step_size(const Hyper& hp, int64_t k
   }
   counter[key] = c;
   // paper form: ub -> ub * T / t (c T / t = T / p_hat), rules.cfsgd_lr
-  const double ub = hp.paper ? hp.ub * (hp.horizon / (double)std::max<int64_t>(hp.step, 1)) : hp.ub;
+  const double ub = hp.paper ? ub_base * (hp.horizon / (double)std::max<int64_t>(hp.step, 1)) : ub_base;
   float eta = (float)hp.lr / (std::sqrt((float)ub * c) + (float)hp.eps);
   if (hp.has_lr_max) eta = std::min(eta, (float)hp.lr_max);
   if (hp.warmup) {
@@ -178,6 +179,7 @@ struct Inputs {
   const int64_t* idx; const int64_t* off; const float* pw; const float* G; int64_t ldg, B;
   const int64_t* fc; const bool* fs; bool mean_pool; int64_t n_idx;
   int32_t* slot; float* W; float* cnt; int32_t* last; float* ada;
+  double* ub_stat;  // [table][2]: running sum of x_t and count of steps (table_ub only)
 };
 
 struct TableOut {
@@ -198,7 +200,7 @@ thread_local Scratch scratch;
 
 template <int DT>
 __attribute__((always_inline)) inline void run_table(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& feats, int64_t rows,
-               int64_t rof, int64_t wof, int64_t Drt, int64_t n_ids, TableOut& out) {
+               int64_t t, int64_t rof, int64_t wof, int64_t Drt, int64_t n_ids, TableOut& out) {
   const int64_t D = DT > 0 ? DT : Drt;
   Scratch& s = scratch;
   const int64_t max_u = std::min(n_ids, rows);
@@ -296,6 +298,25 @@ __attribute__((always_inline)) inline void run_table(const Hyper& hp, const Inpu
   float* __restrict__ lamo = out.lam.data();
   uint8_t* __restrict__ updo = out.upd.data();
   float* __restrict__ W = in.W + wof;
+  double ub = hp.ub;
+  if (hp.table_ub) {
+    // ub_mode="table": every direction first (in place), then x_t = mean over the updated rows of
+    // mean_d(d^2) joins the table's running mean, then the steps (the same formula as rules.py)
+    double xs = 0.0;
+    int64_t nu = 0;
+    for (int64_t j = 0; j < U; ++j) {
+      const int32_t u = sl[urow[j]];
+      if (hp.lexico && any_h && !has_main[u]) continue;
+      float* g = gacc + (int64_t)u * D;
+      const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
+      lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
+      xs += (double)mean_sq<DT>(g, D);
+      ++nu;
+    }
+    double* st = in.ub_stat + 2 * t;
+    if (nu > 0) { st[0] += xs / (double)nu; st[1] += 1.0; }
+    ub = hp.ub * st[0] / std::max(st[1], 1.0);
+  }
   constexpr int64_t PF = 8;  // prefetch distance (rows): hides the weight/state misses
   for (int64_t j = 0; j < U; ++j) {
     if (j + PF < U) {
@@ -312,8 +333,8 @@ __attribute__((always_inline)) inline void run_table(const Hyper& hp, const Inpu
     if (hp.lexico && !hm) continue;  // transfer-only row: nothing certified, not counted
     float* g = gacc + (int64_t)u * D;
     const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
-    lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
-    const float eta = step_size<DT>(hp, rof + r, g, D, in.cnt, in.last, in.ada);
+    if (!hp.table_ub) lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
+    const float eta = step_size<DT>(hp, ub, rof + r, g, D, in.cnt, in.last, in.ada);
     float* __restrict__ w = W + r * D;
     axpy<DT>(w, -eta, g, D);
     updo[j] = 1;
@@ -328,12 +349,12 @@ __attribute__((always_inline)) inline void run_table(const Hyper& hp, const Inpu
 #endif
 TAILREC_CLONES
 void run_table_any(const Hyper& hp, const Inputs& in, const std::vector<int64_t>& feats, int64_t rows,
-                   int64_t rof, int64_t wof, int64_t D, int64_t n_ids, TableOut& out) {
-#define TAILREC_CASE(DD) case DD: run_table<DD>(hp, in, feats, rows, rof, wof, DD, n_ids, out); break;
+                   int64_t t, int64_t rof, int64_t wof, int64_t D, int64_t n_ids, TableOut& out) {
+#define TAILREC_CASE(DD) case DD: run_table<DD>(hp, in, feats, rows, t, rof, wof, DD, n_ids, out); break;
   switch (D) {
     TAILREC_CASE(4) TAILREC_CASE(8) TAILREC_CASE(16) TAILREC_CASE(20) TAILREC_CASE(32)
     TAILREC_CASE(36) TAILREC_CASE(64) TAILREC_CASE(68) TAILREC_CASE(128) TAILREC_CASE(132)
-    default: run_table<0>(hp, in, feats, rows, rof, wof, D, n_ids, out);
+    default: run_table<0>(hp, in, feats, rows, t, rof, wof, D, n_ids, out);
   }
 #undef TAILREC_CASE
 }
@@ -345,14 +366,17 @@ std::vector<torch::Tensor> tailrec_update(
     torch::Tensor feat_table, torch::Tensor feat_shadow, torch::Tensor feat_col,
     torch::Tensor tab_row_off, torch::Tensor tab_w_off, torch::Tensor tab_dim,
     torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
-    torch::Tensor ada, torch::Tensor step, torch::Tensor loss, std::vector<double> hf, std::vector<int64_t> hi) {
-  TORCH_CHECK(hf.size() == 11 && hi.size() == 10, "tailrec_update: hyper-parameter lists do not match the op");
+    torch::Tensor ada, torch::Tensor ub_stat, torch::Tensor step, torch::Tensor loss, std::vector<double> hf,
+    std::vector<int64_t> hi) {
+  TORCH_CHECK(hf.size() == 11 && hi.size() == 11, "tailrec_update: hyper-parameter lists do not match the op");
   // grad may be a column slice of a wider gradient (TorchRec splits one output among kernels): rows
   // are read through its row stride, so it is used in place
   TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "tailrec_update: grad rows must be contiguous");
   Hyper hp{hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8], (int64_t)hf[9],
            hi[0], hi[1], (bool)hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[5], (bool)hi[6], (bool)hi[7], (bool)hi[8],
-           step.data_ptr<int64_t>()[0], 0.0};
+           (bool)hi[9], step.data_ptr<int64_t>()[0], 0.0};
+  TORCH_CHECK(!hp.table_ub || (ub_stat.dtype() == torch::kFloat64 && ub_stat.numel() == 2 * tab_dim.size(0)),
+              "tailrec kernel: ub_mode=table needs a float64 [tables, 2] ub_stat");
   if (hp.lexico) {
     TORCH_CHECK(loss.numel() == 1, "tailrec_update: lexico needs the main loss tensor");
     hp.loss = (double)loss.data_ptr<float>()[0] * hf[10];
@@ -364,10 +388,11 @@ std::vector<torch::Tensor> tailrec_update(
   const int64_t* dim = tab_dim.data_ptr<int64_t>();
   Inputs in{indices.data_ptr<int64_t>(), off, psw.numel() ? psw.data_ptr<float>() : nullptr,
             grad.data_ptr<float>(), grad.stride(0), B, feat_col.data_ptr<int64_t>(),
-            feat_shadow.data_ptr<bool>(), hi[9] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
+            feat_shadow.data_ptr<bool>(), hi[10] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
             counter.numel() ? counter.data_ptr<float>() : nullptr,
             last_step.numel() ? last_step.data_ptr<int32_t>() : nullptr,
-            ada.numel() ? ada.data_ptr<float>() : nullptr};
+            ada.numel() ? ada.data_ptr<float>() : nullptr,
+            ub_stat.numel() ? ub_stat.data_ptr<double>() : nullptr};
   std::vector<std::vector<int64_t>> feats(T);
   std::vector<int64_t> n_ids(T, 0);
   for (int64_t f = 0; f < F; ++f) {
@@ -380,7 +405,7 @@ std::vector<torch::Tensor> tailrec_update(
     for (int64_t t = b; t < e; ++t) {
       if (feats[t].empty() || n_ids[t] == 0) continue;
       const int64_t rows = (t + 1 < T ? rof[t + 1] : total_rows) - rof[t];
-      run_table_any(hp, in, feats[t], rows, rof[t], wof[t], dim[t], n_ids[t], outs[t]);
+      run_table_any(hp, in, feats[t], rows, t, rof[t], wof[t], dim[t], n_ids[t], outs[t]);
     }
   });
   int64_t U = 0;
