@@ -7,13 +7,16 @@ ROWS_PER_PROG consecutive unique rows; for each it
      BLOCK_L lookups x BLOCK_D columns gathered from the pooled gradient, times the lookup weight),
   2. forms the direction (g + h, or item-wise lexico: h + lambda g with the barrier phi),
   3. updates the counter / Adagrad state and the row (CF-SGD both forms, warm-up, rowwise Adagrad),
-all in registers, reading every input once. Nothing is read back on the host: the number of unique
-rows, the global step and the main loss are device scalars the kernel loads itself, and the grid
-covers the upper bound (one slot per lookup); programs past the unique rows return at once.
+all in registers, reading every input once. ub_mode="table" (the step size needs the mean of
+mean_d(d^2) over the table's updated rows first) takes two launches of the same kernel: the first
+only writes each row's mean_d(d^2), `_table_ub` folds them into the per-table state with prefix sums
+over the sorted rows, the second applies the steps. Nothing is read back on the host: the number
+of unique rows, the global step and the main loss are device scalars the kernel loads itself, and
+the grid covers the upper bound (one slot per lookup); programs past the unique rows return at once.
 
 The maths is the float32 twin of rules.py (and of csrc/tailrec_update.cpp); tests/optim checks all
 three against the float64 formulas of tests/optim/reference.py. Without a GPU the same kernel runs
-in Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported) on CPU tensors.
+in Triton's interpreter (TRITON_INTERPRET=1 set before Triton is first imported) on CPU tensors.
 
 Hyper-parameters come from RuleConfig in one place, kernel_params.launch_params (shared with the C++
 op): a new RuleConfig option is a new entry there plus its use in `_update_rows_kernel`.
