@@ -203,7 +203,7 @@ class TransferConfig:
     REMOVED: ClassVar[dict[str, str]] = {"enabled": "nothing read it; transfer.mode=baseline turns transfer off"}
 
     mode: str = "baseline"             # one of TRANSFER_MODES
-    loss: str = "mmd"                  # one of TRANSFER_LOSSES
+    loss: str = "neighbor"             # one of TRANSFER_LOSSES (neighbor: ours, the default; mmd/cosreg/frage: the paper's)
     features: list[str] = field(default_factory=list)  # features whose table gets the transfer loss
     weight: float = 1e-2               # fixed coefficient for plus_t / select
     # coefficient of the transfer loss in lexico / both (1 = Algorithm 1); 0 = the matched-step control:
@@ -215,7 +215,7 @@ class TransferConfig:
     cosreg_form: str = "batch_mean"    # batch_mean: ||mean unit row||^2 | paper: mean cos over distinct pairs
     # neighbor loss: row j's pull is weighted 1 / (1 + count_j / anchor_count_scale) (train count of its
     # id), a prior that fades as the id's own data grows; 0 = the same pull for every target row
-    anchor_count_scale: float = 0.0
+    anchor_count_scale: float = 5.0
     mmd_sigma_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     # planted.json of a generated dataset (data.generate): also report metrics on the examples whose
     # data.bucket_feature id is a planted twin / loner / other (eval groups; works in any mode)

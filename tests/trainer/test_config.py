@@ -84,7 +84,7 @@ def test_switching_the_optimizer_alone_gives_its_own_default_lr():
     for name in ("cfsgd", "exact_rowwise_adagrad", "exact_sgd", "rowwise_adagrad"):
         cfg = load_config(str(REPO / "configs/movielens_deepfm.yaml"), [f"--embedding.optimizer.name={name}"])
         assert cfg.embedding.optimizer.lr == DEFAULT_LR[name]
-    assert DEFAULT_LR["cfsgd"] != DEFAULT_LR["exact_rowwise_adagrad"]
+    assert DEFAULT_LR["cfsgd"] != DEFAULT_LR["exact_sgd"]   # a step size that suits one rule would not suit the other
     cfg = load_config(str(REPO / "configs/movielens_deepfm.yaml"),
                       ["--embedding.optimizer.name=cfsgd", "--embedding.optimizer.lr=0.7"])
     assert cfg.embedding.optimizer.lr == 0.7
