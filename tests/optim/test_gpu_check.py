@@ -2,7 +2,6 @@
 Triton in its interpreter, 2 gloo ranks): the script runs end to end and prints what the GPU run
 must report: the Triton-vs-float64 tests, then ours and FBGEMM's optimizers side by side at 1 and
 2 ranks."""
-import os
 import sys
 import re
 import subprocess
