@@ -2,9 +2,9 @@
 Triton in its interpreter, 2 gloo ranks): the script runs end to end and prints what the GPU run
 must report: the Triton-vs-float64 tests, then ours and FBGEMM's optimizers side by side at 1 and
 2 ranks."""
-import sys
 import re
 import subprocess
+import sys
 
 import pytest
 
