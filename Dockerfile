@@ -45,6 +45,19 @@ COPY torchx.yaml ./
 RUN python -m pip install --no-deps --no-build-isolation . \
  && python -c "import torch, torchrec, fbgemm_gpu, trainer.metrics; print('torch', torch.__version__)"
 
+# Our fused optimizer's CPU op, compiled once here so that no run compiles it (or silently falls back
+# to the slow pure-torch path for want of a compiler). The compiler and ninja live only in this layer;
+# the built op stays in $TAILREC_EXT_DIR, where trainer/optim/kernel.py loads it without a compiler.
+ENV TAILREC_EXT_DIR=/opt/tailrec_ext
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+ && python -m pip install ninja==1.13.2 \
+ && python -m trainer.optim.build_ext --require \
+ && python -m pip uninstall -y ninja \
+ && apt-get purge -y --auto-remove g++ \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -c "from trainer.optim import kernel; assert kernel.load_extension() is not None, 'op not loadable without a compiler'"
+
 # torchx passes its command (`bash -c "torchrun ..."`) as arguments, which Docker appends to the
 # ENTRYPOINT: run such commands as they are; anything else is a trainer subcommand, so
 # `docker run IMAGE train --config ...` == `python -m trainer train --config ...`.

@@ -1,9 +1,17 @@
 """Fixtures shared by every test folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Our Triton kernels (trainer/optim/triton_update.py) run in Triton's interpreter on machines without a
+# GPU. Triton reads the switch when it first compiles a function (its own library included, at import),
+# so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

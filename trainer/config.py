@@ -126,11 +126,16 @@ class EmbeddingConfig:
     init_scale: float = 0.0            # >0: uniform(-s, s) init; 0: TorchRec default (sqrt(1/num_embeddings))
     optimizer: EmbOptimConfig = field(default_factory=EmbOptimConfig)
     tables: dict[str, TableConfig] = field(default_factory=dict)
+    # planner capacities per device (HBM) and per rank (DDR), GiB; 0 = detected (trainer/sharding.py)
+    hbm_cap_gb: float = 0.0
+    ddr_cap_gb: float = 0.0
 
     def validate(self, where: str) -> None:
         _choice(where, "sharding_type", self.sharding_type, SHARDING_TYPES)
         _number(where, "dim", self.dim, 1)
         _number(where, "init_scale", self.init_scale, 0)
+        _number(where, "hbm_cap_gb", self.hbm_cap_gb, 0)
+        _number(where, "ddr_cap_gb", self.ddr_cap_gb, 0)
 
     def for_table(self, name: str) -> tuple[int, str, EmbOptimConfig]:
         # a derived table (models/layout.py: movie_id__me1, movie_id__att) without an entry of its own

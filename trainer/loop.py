@@ -31,7 +31,7 @@ from trainer.evaluation import evaluate
 from trainer.dense_optimizer import build_dense_optimizer
 from trainer.diagnostics import CollapseMonitor
 from trainer.results import PROGRESS, append_progress
-from trainer.pipeline import TimedIterator, make_driver
+from trainer.pipeline import PinnedBatches, TimedIterator, make_driver
 from trainer.sharding import kernel_stats, set_optimizer_step, shard_model
 from trainer import transfer_wiring
 from trainer.train_module import TrainModule
@@ -268,7 +268,7 @@ class Trainer:
         loader.set_epoch(self.state.epoch)
         if self.state.step_in_epoch:
             loader.load_state_dict({"epoch": self.state.epoch, "batches_yielded": self.state.step_in_epoch})
-        it = TimedIterator(iter(loader))
+        it = TimedIterator(PinnedBatches(iter(loader), self.env.device))
         driver = make_driver(self.cfg.train.pipeline, self.dmp, self.optimizer, self.env.device)
         set_optimizer_step(self.dmp, self.state.step)
         self.dmp.train()
@@ -285,7 +285,7 @@ class Trainer:
         cfg, ck = self.cfg.train, self.cfg.checkpoint
         bar = _progress(show_progress(self.env.is_main), total, self.state.step_in_epoch,
                         f"epoch {self.state.epoch + 1}/{cfg.epochs}")
-        t_last, wait_last, first = time.perf_counter(), 0.0, True
+        t_last, wait_last, first, last_loss = time.perf_counter(), 0.0, True, math.nan
         while True:
             if self.state.step_in_epoch >= total:  # epoch complete (also when it ends exactly at max_steps)
                 bar.close()
@@ -302,19 +302,25 @@ class Trainer:
             self.state.step_in_epoch += 1
             self.loss_watch.observe(loss, self.state.step)
             if self.transfer:
-                self.transfer.after_step(self.state.step)   # FRAGE D step, transfer/lambda stats
+                # FRAGE D step; transfer/lambda statistics read at log steps only (a read waits for the device)
+                self.transfer.after_step(self.state.step, stats_every=self.cfg.train.log_every)
             now = time.perf_counter()
+            log_step = self.state.step % cfg.log_every == 0
+            if log_step or first:
+                # the only host read of the loss: every log_every steps (and once per call for the gauge),
+                # never per step, so the device queue is not drained each step
+                last_loss = float(loss)
             if self.metrics:
                 # per-table lrs are constant: set their gauges on the first step of each call, not every step
-                self.metrics.on_step(int(labels.numel()), now - t_last, it.wait_s - wait_last, float(loss),
+                self.metrics.on_step(int(labels.numel()), now - t_last, it.wait_s - wait_last, last_loss,
                                      lr=self.table_lr if first else None)
-                first = False
+            first = False
             t_last, wait_last = now, it.wait_s
             bar.update(1)
-            if self.state.step % cfg.log_every == 0:
+            if log_step:
                 self.loss_watch.check(f"at the log step {self.state.step}")
                 self.heartbeat.beat(f"step {self.state.step}")
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{last_loss:.4f}")
                 self._export_optimizer_stats()
             if ck.every_steps and self.state.step % ck.every_steps == 0:
                 self.save_checkpoint()  # weights reflect exactly `step` batches; in-flight ones are not counted

@@ -30,12 +30,27 @@ class TimedIterator:
             self.wait_s += time.perf_counter() - t0
 
 
+class PinnedBatches:
+    """On CUDA, page-locks each batch so its host-to-device copy can be asynchronous (non_blocking
+    below, and TorchRec's pipeline copies on its own stream); elsewhere batches pass through."""
+
+    def __init__(self, it: Iterator, device: torch.device):
+        self.it, self.pin = it, device.type == "cuda"
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        return batch.pin_memory() if self.pin else batch
+
+
 class PlainStep:
     def __init__(self, model: torch.nn.Module, optimizer, device: torch.device):
         self.model, self.optimizer, self.device = model, optimizer, device
 
     def progress(self, it: Iterator):
-        batch = next(it).to(self.device)
+        batch = next(it).to(self.device, non_blocking=True)
         self.optimizer.zero_grad()
         loss, out = self.model(batch)
         loss.backward()

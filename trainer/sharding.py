@@ -10,10 +10,16 @@ the world size (`comm_ops.set_gradient_division`, default True). We keep that de
 trainer's loss is a per-rank mean, DDP averages dense gradients, so with division the
 embedding gradient is the gradient of the global mean loss, like the dense one, for FBGEMM
 baselines and our kernel alike. `set_main_loss` averages the loss over ranks to match.
+
+Topology (`build_topology`): through TorchRec's TopologyFactory with the node layout of the job
+(torchrun's LOCAL_WORLD_SIZE: 2 nodes x 8 GPUs is planned as 2 hosts of 8, not one host of 16),
+HBM per device from the device itself (CUDA total memory) and DDR per rank from the host's memory
+over the local ranks, each overridable in the config (embedding.hbm_cap_gb / ddr_cap_gb).
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,6 +31,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from trainer.optim import fbgemm
@@ -39,7 +46,8 @@ from trainer.optim.torchrec_adapter import (
     tailrec_kernels,
 )
 
-__all__ = ["ShardResult", "shard_model", "set_optimizer_step", "set_main_loss", "kernel_stats"]
+__all__ = ["ShardResult", "shard_model", "build_topology", "set_optimizer_step", "set_main_loss", "kernel_stats"]
+GIB = 1024 ** 3
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +66,27 @@ class AllShardingsSharder(EmbeddingBagCollectionSharder):
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         return super().sharding_types("cuda" if compute_device_type == "cpu" else compute_device_type)
+
+
+def build_topology(world_size: int, device: torch.device, local_world_size: Optional[int] = None,
+                   hbm_cap_bytes: Optional[int] = None, ddr_cap_bytes: Optional[int] = None) -> Topology:
+    """The job's Topology via TopologyFactory. `local_world_size`: ranks per node (default: torchrun's
+    LOCAL_WORLD_SIZE, else all ranks on one node). Capacities: the given ones (the config), else
+    detected (HBM: the CUDA device's memory; DDR: host memory / local ranks), else TorchRec's."""
+    lws = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if lws < 1 or world_size % lws:
+        raise ValueError(f"world size {world_size} is not a whole number of nodes of {lws} local ranks")
+    hbm = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        hbm = torch.cuda.get_device_properties(device).total_memory
+    ddr = None
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        ddr = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // lws
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, local_world_size=lws, hbm_cap_bytes=hbm_cap_bytes,
+                                     ddr_cap_bytes=ddr_cap_bytes),
+        hardware_config=HardwareConfig(hbm_cap_bytes=hbm, ddr_cap_bytes=ddr),
+        kernel_config=KernelConfig(compute_device=device.type))
 
 
 def table_optimizer_kwargs(opt_cfg: Any) -> Optional[Dict[str, Any]]:
@@ -117,12 +146,13 @@ def shard_model(model: nn.Module, emb_cfg: Any, tables: List[EmbeddingBagConfig]
     `extra_constraints`: optional per-table ParameterConstraints fields (e.g. min_partition)."""
     pg = pg or dist.group.WORLD
     chosen = _apply_table_optimizers(model, emb_cfg, tables)
-    sharder = AllShardingsSharder(fused_params={"optimizer": fbgemm._TYPES["exact_sgd"],
-                                                "learning_rate": float(emb_cfg.optimizer.lr)})
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=dist.get_world_size(pg), compute_device=device.type),
-        constraints=_constraints(emb_cfg, tables, extra_constraints),
-    )
+    fused = {"optimizer": fbgemm._TYPES["exact_sgd"], "learning_rate": float(emb_cfg.optimizer.lr)}
+    # TorchRec's own sharder on GPUs; on CPU the same one with every sharding type allowed
+    sharder = (EmbeddingBagCollectionSharder if device.type == "cuda" else AllShardingsSharder)(fused_params=fused)
+    topology = build_topology(dist.get_world_size(pg), device,
+                              hbm_cap_bytes=int(getattr(emb_cfg, "hbm_cap_gb", 0) * GIB) or None,
+                              ddr_cap_bytes=int(getattr(emb_cfg, "ddr_cap_gb", 0) * GIB) or None)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(emb_cfg, tables, extra_constraints))
     plan = planner.collective_plan(model, [sharder], pg)
     with tailrec_kernels():
         dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=[sharder],

@@ -225,13 +225,18 @@ class TransferRuntime:
         tot[1] += 1.0
 
     def after_step(self, step: int, stats_every: int = 5) -> None:
+        """End of a training step: the losses' own step (FRAGE's discriminator), then, every
+        ``stats_every`` steps (reading them waits for the device), the statistics: the losses' metrics and
+        the kernels' lambda percentiles. A first sample is taken right away after a start or evaluation."""
+        fresh = not any(self._acc.values())
+        sample = step % stats_every == 0 or fresh
         for f, lm in self.losses.items():
             lm.after_step()
-            for k, v in lm.metrics().items():
-                if not math.isnan(v):
-                    self._add(f, k, v)
-        fresh = not any(k.startswith("lambda_") for a in self._acc.values() for k in a)
-        if self.lexico and self.dmp is not None and (step % stats_every == 0 or fresh):
+            if sample:
+                for k, v in lm.metrics().items():
+                    if not math.isnan(v):
+                        self._add(f, k, v)
+        if self.lexico and self.dmp is not None and sample:
             from trainer.sharding import kernel_stats
 
             for table, st in kernel_stats(self.dmp).items():

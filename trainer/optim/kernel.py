@@ -1,20 +1,29 @@
 """Our fused embedding kernel with FBGEMM's TBE interface (no TorchRec imports here).
 
 `TailrecTBE` holds one flat fp32 weight buffer and flat per-row state buffers for the
-tables TorchRec grouped into one kernel. Forward pools the local shard's rows
-(`F.embedding_bag`); backward aggregates per unique row the main-loss gradient g (from
+tables TorchRec grouped into one kernel. Forward pools the local shard's rows with FBGEMM's own
+table-batched lookup (`dense_embedding_codegen_lookup_function`: all features in one call, mixed
+dims, on CPU and CUDA); backward aggregates per unique row the main-loss gradient g (from
 ordinary features) and the transfer gradient h (from shadow features, names ending in
 `RuleConfig.shadow_suffix`) and applies rules.py in place. No dense gradient of the table is
 ever built, and autograd receives no weight gradient (it reaches us through a placeholder
 tensor that requires grad, as FBGEMM does).
 
-Two implementations of the backward, same results (tests/optim/test_kernel.py):
-* a C++ op compiled just in time with torch.utils.cpp_extension (cached under
-  $TAILREC_EXT_DIR or ~/.cache/tailrec_ext): table by table, accumulate through an int32 slot
-  per local row (prefetched), then update the touched rows in row order; source in
-  csrc/tailrec_update.cpp.
-* a pure-torch path (per table: unique + index_add_ + rules.apply_step), used when the
-  extension cannot be built, when TAILREC_NO_EXT=1, or off CPU.
+Three implementations of the backward, same results (tests/optim: each against the float64
+formulas of tests/optim/reference.py), picked per device by `backend` ($TAILREC_KERNEL overrides):
+* "triton" (CUDA): segments.sort_lookups sorts the lookups by row, then triton_update.py runs one
+  program per block of unique rows (FBGEMM's GPU backward layout). Also runs on CPU tensors in
+  Triton's interpreter (TRITON_INTERPRET=1, tests only).
+* "cpp" (CPU): a C++ op compiled once with torch.utils.cpp_extension and cached under
+  $TAILREC_EXT_DIR or ~/.cache/tailrec_ext (`make setup` and the Docker image build it ahead of
+  time: python -m trainer.optim.build_ext); source in csrc/tailrec_update.cpp.
+* "torch": the pure-torch fallback (sorted segments + index_add_ + rules.apply_step), used when
+  neither compiled kernel is available. It is the only path with data-dependent shapes, so on an
+  accelerator it waits on the host; the two compiled paths never do.
+
+No host sync in a step: the step counter, the number of unique rows and the main loss stay device
+tensors that the compiled kernels read themselves; `last_stats` keeps device tensors that only
+`kernel_stats` (every N steps) reads.
 
 Step: `step` (int64 buffer) counts backward passes, not forwards, so eval forwards do not
 advance it (FBGEMM pitfall 3); it is exposed as optimizer state so checkpoints restore it.
@@ -24,45 +33,106 @@ summed), otherwise rows would be updated twice.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.optim import rules
+from trainer.optim import kernel_params, rules
 from trainer.optim.rules import RuleConfig
+from trainer.optim.segments import FeatureMeta, Segments, sort_lookups
 
 log = logging.getLogger(__name__)
 _EXT: Any = None
 _EXT_FAILED = False
-
+BACKENDS = ("auto", "triton", "cpp", "torch")
 
 CSRC = Path(__file__).with_name("csrc") / "tailrec_update.cpp"
 
 
+def ext_build_dir() -> Tuple[str, str]:
+    """(module name, build directory) of the C++ op for this source and torch install."""
+    # keyed by the torch install too: two venvs sharing ~/.cache would otherwise rebuild each other's op
+    tag = hashlib.sha1((CSRC.read_text() + torch.__file__ + torch.__version__).encode()).hexdigest()[:10]
+    root = os.environ.get("TAILREC_EXT_DIR", os.path.expanduser("~/.cache/tailrec_ext"))
+    return f"tailrec_ext_{tag}", os.path.join(root, f"{torch.__version__}-{tag}")
+
+
 def load_extension(verbose: bool = False) -> Any:
-    """Compile (once, cached on disk) and return the C++ op module (csrc/tailrec_update.cpp), or None."""
+    """Return the C++ op module (csrc/tailrec_update.cpp), compiling it once if no build is cached;
+    None when it cannot be built (the torch path gives the same results, slower)."""
     global _EXT, _EXT_FAILED
     if _EXT is not None or _EXT_FAILED or os.environ.get("TAILREC_NO_EXT") == "1":
         return _EXT
+    name, build = ext_build_dir()
+    so = os.path.join(build, f"{name}.so")
     try:
+        if os.path.exists(so):  # built before (make setup, the image, an earlier run): no ninja, no compiler
+            spec = importlib.util.spec_from_loader(name, importlib.machinery.ExtensionFileLoader(name, so))
+            assert spec is not None and spec.loader is not None
+            _EXT = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(_EXT)
+            return _EXT
         from torch.utils.cpp_extension import load
 
-        # keyed by the torch install too: two venvs sharing ~/.cache would otherwise rebuild each other's op
-        tag = hashlib.sha1((CSRC.read_text() + torch.__file__).encode()).hexdigest()[:10]
-        root = os.environ.get("TAILREC_EXT_DIR", os.path.expanduser("~/.cache/tailrec_ext"))
-        build = os.path.join(root, f"{torch.__version__}-{tag}")
         os.makedirs(build, exist_ok=True)
-        _EXT = load(name=f"tailrec_ext_{tag}", sources=[str(CSRC)], build_directory=build,
-                    extra_cflags=["-O3"], verbose=verbose)
+        log.warning("compiling the tailrec C++ kernel into %s (once per machine and torch install; "
+                    "about 1-2 minutes; `make setup` does it ahead of time)", build)
+        t0 = time.perf_counter()
+        _EXT = load(name=name, sources=[str(CSRC)], build_directory=build, extra_cflags=["-O3"], verbose=verbose)
+        log.warning("tailrec C++ kernel compiled in %.0f s", time.perf_counter() - t0)
     except Exception as e:  # no compiler / ninja: the torch path gives the same results
         _EXT_FAILED = True
-        log.warning("tailrec C++ kernel unavailable, using the pure-torch path: %s", e)
+        log.warning("tailrec C++ kernel unavailable, using the pure-torch path (slower): %s", e)
     return _EXT
+
+
+def backend(device: torch.device) -> str:
+    """Which backward runs on `device`: $TAILREC_KERNEL (triton | cpp | torch), else CUDA -> triton,
+    CPU -> cpp (if it builds), anything else -> torch."""
+    want = os.environ.get("TAILREC_KERNEL", "auto")
+    if want not in BACKENDS:
+        raise ValueError(f"TAILREC_KERNEL={want!r} is not one of {BACKENDS}")
+    if want != "auto":
+        return want
+    if device.type == "cuda":
+        return "triton" if _triton() is not None else "torch"
+    if device.type == "cpu":
+        return "cpp" if load_extension() is not None else "torch"
+    return "torch"
+
+
+def _triton(required: bool = False) -> Any:
+    try:
+        from trainer.optim import triton_update
+    except ImportError as e:
+        if required:
+            raise RuntimeError(f"TAILREC_KERNEL=triton but Triton does not import: {e}") from e
+        return None
+    return triton_update
+
+
+class MainLoss:
+    """The main loss for lexico's barrier as a device tensor, possibly with its all-reduce in flight.
+
+    `tensor()` waits for the collective inside the stream (NCCL: the compute stream waits on the
+    collective's, the host does not), so the kernel reads the reduced sum and applies `scale`
+    (1 / world size) itself: the host never reads the loss in a step."""
+
+    def __init__(self, val: Tensor, work: Any = None, scale: float = 1.0) -> None:
+        self._val, self._work, self.scale = val, work, scale
+
+    def tensor(self) -> Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._val
 
 
 class _LookupFunction(torch.autograd.Function):
@@ -104,11 +174,17 @@ class TailrecTBE(nn.Module):
         self.register_buffer("ub_stat", torch.zeros(len(rows) if cfg.table_ub else 0, 2, dtype=torch.float64,
                                                     device=device))
         self._placeholder = torch.zeros(0, device=device, requires_grad=True)
-        if self._placeholder.device.type == "cpu":
-            load_extension()  # build/load the C++ op now, not inside the first (timed) training step
-        self.main_loss: Optional[Any] = None  # float, or anything float() resolves (PendingLoss)
-        self.last_stats: Dict[str, Tensor] = {}
-        self._meta: Optional[Dict[str, Tensor]] = None
+        # build/load the compiled op now, not inside the first (timed) training step
+        self.backend = backend(self._placeholder.device)
+        if self.backend == "triton":
+            tu = _triton(required=True)
+            if self._placeholder.device.type != "cuda" and not tu.interpreted():
+                raise RuntimeError("TAILREC_KERNEL=triton off CUDA runs only in Triton's interpreter: set "
+                                   "TRITON_INTERPRET=1 before trainer.optim.triton_update is imported")
+        self.main_loss: Optional[Any] = None  # MainLoss (set_main_loss), or a float (tests)
+        self._stats: Dict[str, Optional[Tensor]] = {}
+        self._meta: Optional[FeatureMeta] = None
+        self._fwd: Optional[Dict[str, Any]] = None
         self._slot: Optional[Tensor] = None
 
     # ---- TBE interface used by TorchRec's BaseBatchedEmbeddingBag -------------------------
@@ -153,148 +229,159 @@ class TailrecTBE(nn.Module):
         pass
 
     # ---- compute ------------------------------------------------------------------------
-    def _batch(self, offsets: Tensor) -> int:
-        nf = len(self.feature_table_map)
-        return (offsets.numel() - 1) // nf if nf else 0
+    def _forward_meta(self, device: torch.device) -> Dict[str, Any]:
+        """FBGEMM's per-feature TBE layout (as DenseTableBatchedEmbeddingBagsCodegen builds it)."""
+        if self._fwd is None:
+            ftm = self.feature_table_map
+            total = self.r_off[-1]
+            self._fwd = dict(
+                weights_offsets=torch.tensor([self.w_off[t] for t in ftm], dtype=torch.int64, device=device),
+                D_offsets=torch.tensor(self.col_off, dtype=torch.int32, device=device),
+                total_D=self.col_off[-1], max_D=max(self.dims) if self.dims else 0,
+                hash_size_cumsum=torch.tensor([self.r_off[t] for t in ftm] + [total], dtype=torch.int64,
+                                              device=device),
+                total_hash_size_bits=int(total).bit_length() if total else 0,
+                pooling_mode=1 if self.pooling == "mean" else 0)   # fbgemm PoolingMode.SUM / MEAN
+        return self._fwd
 
     def pool(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor]) -> Tensor:
-        B, outs = self._batch(offsets), []
-        W = self.split_embedding_weights()
-        for f, t in enumerate(self.feature_table_map):
-            o = offsets[f * B:(f + 1) * B + 1]
-            s, e = int(o[0]), int(o[-1])
-            outs.append(F.embedding_bag(indices[s:e], W[t], o - s, mode=self.pooling,
-                                        per_sample_weights=None if psw is None else psw[s:e],
-                                        include_last_offset=True))
-        return torch.cat(outs, dim=1) if outs else self.weights.new_zeros(B, 0)
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+
+        if not self.feature_table_map:
+            return self.weights.new_zeros(offsets.numel() - 1, 0)
+        return torch.ops.fbgemm.dense_embedding_codegen_lookup_function(
+            dev_weights=self.weights, indices=indices, offsets=offsets.to(indices.dtype),
+            indice_weights=None if psw is None else psw.float(), feature_requires_grad=None,
+            output_dtype=0, **self._forward_meta(self.weights.device))
 
     def update(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor], grad: Tensor) -> None:
         self.step.add_(1)
-        if self.cfg.lexico and self.main_loss is None:
-            raise RuntimeError("lexico needs the main loss before backward: trainer.optim.set_main_loss")
-        if self.cfg.lexico and not isinstance(self.main_loss, float):
-            self.main_loss = float(self.main_loss)  # waits for set_main_loss's all-reduce
-        ext = load_extension() if self.weights.device.type == "cpu" else None
-        if ext is not None:
-            keys, lam, upd = self._update_ext(ext, indices, offsets, psw, grad)
+        loss, scale = None, 1.0
+        if self.cfg.lexico:
+            if self.main_loss is None:
+                raise RuntimeError("lexico needs the main loss before backward: trainer.optim.set_main_loss")
+            ml = self.main_loss if isinstance(self.main_loss, MainLoss) else MainLoss(
+                torch.tensor([float(self.main_loss)], dtype=torch.float32, device=self.weights.device))
+            loss, scale = ml.tensor(), ml.scale
+        grad = grad.float()
+        if grad.dim() != 2 or grad.stride(1) != 1:
+            grad = grad.contiguous()   # a column slice (TorchRec splits one output among kernels) is used in place
+        if self.backend == "cpp":
+            ext = load_extension()
+            assert ext is not None, "TAILREC_KERNEL=cpp but the C++ op does not build (see the warning above)"
+            keys, lam, upd = self._update_ext(ext, indices, offsets, psw, grad, loss, scale)
         else:
-            keys, lam, upd = self._update_torch(indices, offsets, psw, grad)
-        self.last_stats = {"rows": keys, "lambda": lam, "updated": upd}
+            seg = sort_lookups(indices, offsets, psw, grad, self._meta_tensors(), self.pooling == "mean",
+                               self.r_off[-1])
+            if self.backend == "triton":
+                keys, lam, upd = self._update_triton(seg, grad, loss, scale)
+            else:
+                keys, lam, upd = self._update_torch(seg, grad, loss, scale)
+        self._stats = {"rows": keys, "lambda": lam if self.cfg.lexico else None, "updated": upd}
 
-    def _meta_tensors(self, device: torch.device) -> Dict[str, Tensor]:
+    @property
+    def last_stats(self) -> Dict[str, Optional[Tensor]]:
+        """Rows of the last step (global keys, row order), their lambda (lexico) and whether they were
+        updated. The step keeps one slot per lookup on the device (-1 past the unique rows); trimming
+        them reads the count on the host, so call this every N steps (kernel_stats), not per step."""
+        st = self._stats
+        if not st or st["rows"] is None:
+            return st
+        keep = st["rows"] >= 0
+        return {k: (None if v is None else v[keep]) for k, v in st.items()}
+
+    def _meta_tensors(self) -> FeatureMeta:
         if self._meta is None:
-            i64 = dict(dtype=torch.int64, device=device)
-            self._meta = {
-                "feat_table": torch.tensor(self.feature_table_map, **i64),
-                "feat_shadow": torch.tensor(self.feature_is_shadow, dtype=torch.bool, device=device),
-                "feat_col": torch.tensor(self.col_off[:-1], **i64),
-                "row_off": torch.tensor(self.r_off[:-1], **i64),
-                "w_off": torch.tensor(self.w_off[:-1], **i64),
-                "dim": torch.tensor(self.dims, **i64),
-            }
+            i64 = dict(dtype=torch.int64, device=self.weights.device)
+            self._meta = FeatureMeta(
+                feat_table=torch.tensor(self.feature_table_map, **i64),
+                feat_shadow=torch.tensor(self.feature_is_shadow, dtype=torch.bool, device=self.weights.device),
+                feat_col=torch.tensor(self.col_off[:-1], **i64),
+                row_off=torch.tensor(self.r_off[:-1], **i64),
+                w_off=torch.tensor(self.w_off[:-1], **i64),
+                dim=torch.tensor(self.dims, **i64),
+                row_bounds=torch.tensor(self.r_off, **i64))
         return self._meta
 
-    def _hyper(self) -> Tuple[List[float], List[int]]:
-        c = self.cfg
-        step = int(self.step.item())
-        # the paper form is the fbgemm form with ub scaled by T / t (rules.cfsgd_lr): the op stays one formula
-        ub = c.adjustment_ub * (c.horizon / max(step, 1) if c.counter_form == "paper" and c.horizon > 0 else 1.0)
-        hf = [c.lr, c.eps, c.counter_halflife, ub, c.lr_max, c.lexico_alpha,
-              c.lexico_lambda_max, c.lexico_h_clip, float(self.main_loss) if c.lexico else 0.0]
-        hi = [0 if c.step_rule == "cfsgd" else 1, c.adjustment_iter if c.warmup else -1,
-              step, int(c.lexico), int(c.lexico_apply_to_all), int(self.pooling == "mean"), int(c.table_ub),
-              int(c.ub_rows == "geometric")]
-        return hf, hi
+    def _state(self) -> Dict[str, Tensor]:
+        return {n: getattr(self, n) for n in self.cfg.state_names()}
 
-    def _update_ext(self, ext: Any, indices: Tensor, offsets: Tensor, psw: Optional[Tensor],
-                    grad: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def _update_ext(self, ext: Any, indices: Tensor, offsets: Tensor, psw: Optional[Tensor], grad: Tensor,
+                    loss: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor, Tensor]:
         if self._slot is None:
             self._slot = torch.full((self.r_off[-1],), -1, dtype=torch.int32, device=self.weights.device)
-        m, empty = self._meta_tensors(self.weights.device), self.weights.new_empty(0)
-        hf, hi = self._hyper()
-        state = [getattr(self, n) if hasattr(self, n) else empty for n in ("counter", "last_step", "adagrad_sum")]
-        if not hasattr(self, "last_step"):
-            state[1] = torch.empty(0, dtype=torch.int32)
-        keys, lam, upd = ext.tailrec_update(
+        m, empty = self._meta_tensors(), self.weights.new_empty(0)
+        hf, hi = kernel_params.cpp_params(self.cfg)
+        st = self._state()
+        return ext.tailrec_update(
             indices.long().contiguous(), offsets.long().contiguous(),
-            empty if psw is None else psw.float().contiguous(), grad.float().contiguous(),
-            m["feat_table"], m["feat_shadow"], m["feat_col"], m["row_off"], m["w_off"], m["dim"],
-            self._slot, self.weights, *state, self.ub_stat, hf, hi)
-        return keys, (lam if self.cfg.lexico else None), upd
+            empty if psw is None else psw.float().contiguous(), grad,
+            m.feat_table, m.feat_shadow, m.feat_col, m.row_off, m.w_off, m.dim, self._slot, self.weights,
+            st.get("counter", empty), st.get("last_step", torch.empty(0, dtype=torch.int32)),
+            st.get("adagrad_sum", empty), self.ub_stat, self.step, empty if loss is None else loss,
+            hf + [float(scale)], hi + [int(self.pooling == "mean")])
 
-    def _update_torch(self, indices: Tensor, offsets: Tensor, psw: Optional[Tensor],
-                      grad: Tensor) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-        keys, lams, upds = [], [], []
-        for t in range(len(self.rows)):
-            out = self._update_table_torch(t, indices, offsets, psw, grad)
-            if out is not None:
-                keys.append(out[0] + self.r_off[t])
-                lams.append(out[1])
-                upds.append(out[2])
-        if not keys:
-            z = indices.new_zeros(0, dtype=torch.int64)
-            return z, None, z.bool()
-        lam = torch.cat(lams) if self.cfg.lexico else None
-        return torch.cat(keys), lam, torch.cat(upds)
+    def _update_triton(self, seg: Segments, grad: Tensor, loss: Optional[Tensor], scale: float
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+        m = self._meta_tensors()
+        return _triton(required=True).update(seg, grad, m, max(self.dims), self.weights, self._state(), self.ub_stat,
+                                             self.step, loss, scale, self.cfg, self.any_shadow)
 
-    def _table_grads(self, t: int, indices: Tensor, offsets: Tensor, psw: Optional[Tensor], grad: Tensor):
-        """Per-lookup (row, weighted grad, is_shadow) for table t, gathered over its features."""
-        B, D = self._batch(offsets), self.dims[t]
-        ids, gs, sh = [], [], []
-        for f, tt in enumerate(self.feature_table_map):
-            if tt != t:
+    def _update_torch(self, seg: Segments, grad: Tensor, loss: Optional[Tensor], scale: float
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+        """rules.apply_step over the sorted segments, table by table (n slots like Triton)."""
+        n, dev, m = seg.n, grad.device, self._meta_tensors()
+        keys = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        lam_all = torch.zeros(n, dtype=torch.float32, device=dev)
+        upd_all = torch.zeros(n, dtype=torch.bool, device=dev)
+        if n == 0:
+            return keys, lam_all, upd_all
+        first = torch.ones(n, dtype=torch.int64, device=dev)
+        first[1:] = (seg.key[1:] != seg.key[:-1]).long()
+        segid = torch.cumsum(first, 0) - 1               # unique row of each sorted lookup
+        dmax = max(self.dims)
+        cols = torch.arange(dmax, device=dev)
+        dim_l = m.dim.index_select(0, seg.table.long())
+        cmask = cols.unsqueeze(0) < dim_l.unsqueeze(1)
+        # flat view over the rows of grad, which may be a column slice (row stride > width)
+        flat = torch.as_strided(grad, ((grad.shape[0] - 1) * grad.stride(0) + grad.shape[1],), (1,)) if grad.numel() \
+            else grad.reshape(-1)
+        contrib = flat[torch.where(cmask, seg.gaddr.unsqueeze(1) + cols, 0)] * cmask * seg.weight.unsqueeze(1)
+        main = (seg.shadow == 0).unsqueeze(1).to(contrib.dtype)
+        g = contrib.new_zeros(n, dmax).index_add_(0, segid, contrib * main)
+        h = contrib.new_zeros(n, dmax).index_add_(0, segid, contrib * (1 - main))
+        n_main = contrib.new_zeros(n).index_add_(0, segid, main.squeeze(1))
+        n_sh = contrib.new_zeros(n).index_add_(0, segid, 1 - main.squeeze(1))
+        start = seg.seg_start[:n].clamp_max(n - 1)
+        key_u, tab_u = seg.key.index_select(0, start).long(), seg.table.index_select(0, start).long()
+        valid = torch.arange(n, device=dev) < seg.num_rows
+        keys = torch.where(valid, key_u, keys)
+        loss_v = None if loss is None else loss * scale
+        table_names = self.cfg.table_state_names()
+        for t, D in enumerate(self.dims):
+            sel = valid & (tab_u == t)
+            if self.cfg.lexico:
+                sel &= n_main > 0          # transfer-only rows: nothing certified, not counted
+            u = sel.nonzero().squeeze(1)
+            if u.numel() == 0:
                 continue
-            o = offsets[f * B:(f + 1) * B + 1].long()
-            s, e = int(o[0]), int(o[-1])
-            lengths = o[1:] - o[:-1]
-            w = torch.ones(e - s, dtype=grad.dtype, device=grad.device) if psw is None else psw[s:e].to(grad.dtype)
-            if self.pooling == "mean":
-                w = w / lengths.clamp_min(1).to(grad.dtype).repeat_interleave(lengths)
-            bag = torch.repeat_interleave(torch.arange(B, device=grad.device), lengths)
-            gcol = grad[:, self.col_off[f]:self.col_off[f] + D]
-            ids.append(indices[s:e].long())
-            gs.append(gcol.index_select(0, bag) * w.unsqueeze(1))
-            sh.append(torch.full((e - s,), self.feature_is_shadow[f], dtype=torch.bool, device=grad.device))
-        if not ids:
-            return None
-        return torch.cat(ids), torch.cat(gs), torch.cat(sh)
-
-    def _update_table_torch(self, t: int, indices: Tensor, offsets: Tensor, psw: Optional[Tensor], grad: Tensor):
-        got = self._table_grads(t, indices, offsets, psw, grad)
-        if got is None or got[0].numel() == 0:
-            return None
-        ids, gs, sh = got
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        n, D = uniq.numel(), self.dims[t]
-        g = gs.new_zeros(n, D).index_add_(0, inv[~sh], gs[~sh])
-        h = has_h = None
-        has_main = torch.zeros(n, dtype=torch.bool, device=ids.device).index_fill_(0, inv[~sh], True)
-        if self.any_shadow:
-            h = gs.new_zeros(n, D).index_add_(0, inv[sh], gs[sh])
-            has_h = torch.zeros(n, dtype=torch.bool, device=ids.device).index_fill_(0, inv[sh], True)
-        upd = has_main if self.cfg.lexico else torch.ones_like(has_main)
-        rows = uniq[upd]
-        res = self._apply_rows(t, rows, g[upd], None if h is None else h[upd], None if has_h is None else has_h[upd])
-        lam = None
-        if res.lam is not None:
-            lam = res.lam.new_zeros(n)
-            lam[upd] = res.lam
-        return uniq, lam, upd
-
-    def _apply_rows(self, t: int, rows: Tensor, g: Tensor, h: Optional[Tensor], has_h: Optional[Tensor]):
-        W = self.split_embedding_weights()[t]
-        state = {n: s.index_select(0, rows) for n, s in zip(self.cfg.state_names(),
-                                                             (self.split_state(n)[t] for n in self.cfg.state_names()))}
-        table = {n: self.ub_stat[t, i] for i, n in enumerate(self.cfg.table_state_names())}
-        res = rules.apply_step(self.cfg, W.index_select(0, rows), g, state, int(self.step.item()),
-                               h=h, has_h=has_h, loss=self.main_loss if self.cfg.lexico else None,
-                               table_state=table or None)
-        W.index_copy_(0, rows, res.rows)
-        for n, v in res.state.items():
-            self.split_state(n)[t].index_copy_(0, rows, v)
-        for i, n in enumerate(self.cfg.table_state_names()):
-            self.ub_stat[t, i] = res.table_state[n]
-        return res
+            rows = key_u[u]
+            waddr = (self.w_off[t] + (rows - self.r_off[t]) * D).unsqueeze(1) + torch.arange(D, device=dev)
+            state = {k: v.index_select(0, rows) for k, v in self._state().items()}
+            table = {k: self.ub_stat[t, i] for i, k in enumerate(table_names)}
+            res = rules.apply_step(self.cfg, self.weights[waddr], g[u, :D], state, self.step[0],
+                                   h=h[u, :D] if self.any_shadow else None,
+                                   has_h=(n_sh[u] > 0) if self.any_shadow else None, loss=loss_v,
+                                   table_state=table or None)
+            self.weights[waddr] = res.rows
+            for k, v in res.state.items():
+                getattr(self, k).index_copy_(0, rows, v)
+            for i, k in enumerate(table_names):
+                self.ub_stat[t, i] = res.table_state[k]
+            upd_all[u] = True
+            if res.lam is not None:
+                lam_all[u] = res.lam.float()
+        return keys, lam_all, upd_all
 
 
 def _prefix(xs: List[int]) -> List[int]:

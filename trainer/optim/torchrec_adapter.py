@@ -34,7 +34,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel, Grouped
 from torchrec.distributed.types import ShardingType
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptimizerModule
 
-from trainer.optim.kernel import TailrecTBE
+from trainer.optim.kernel import MainLoss, TailrecTBE
 from trainer.optim.rules import RuleConfig
 
 MARKER_KEY = "tailrec_rule"
@@ -163,38 +163,29 @@ def tailrec_kernels_of(dmp: nn.Module) -> List[TailrecEmbeddingBag]:
     return cached
 
 
-class PendingLoss:
-    """The global mean main loss while its all-reduce is in flight: issued right after the
-    forward, waited for only when the first kernel's backward needs it, so the collective
-    overlaps the dense backward instead of stalling every rank before it."""
-
-    def __init__(self, val: torch.Tensor, work: Any, world: int) -> None:
-        self._val, self._work, self._world, self._out = val, work, world, None
-
-    def __float__(self) -> float:
-        if self._out is None:
-            self._work.wait()
-            self._out = float(self._val.item()) / self._world
-        return self._out
-
-
 def set_main_loss(dmp: nn.Module, loss: torch.Tensor | float, pg: Optional[dist.ProcessGroup] = None,
-                  reduce: bool = True) -> float | PendingLoss:
+                  reduce: bool = True) -> MainLoss:
     """Hand the scalar main loss (for the barrier phi) to our kernels before backward.
 
     The trainer's loss is a per-rank mean; with `reduce` it is averaged over ranks (one
     asynchronous scalar all-reduce, collective: call it on every rank, in the same order
     relative to other collectives) so every owner uses the global mean loss, matching the
-    gradients (which are those of the global mean, see sharding.py). Returns the value, or a
-    `PendingLoss` (float() waits for it) when the all-reduce is in flight.
+    gradients (which are those of the global mean, see sharding.py). The loss stays a device
+    tensor: the all-reduce is issued right after the forward and overlaps the dense backward; the
+    kernel waits for it inside the stream and divides by the world size itself (kernel.MainLoss),
+    so the host never reads it.
     """
-    val = loss.detach().float().reshape(1).clone() if torch.is_tensor(loss) else torch.tensor([float(loss)])
-    out: float | PendingLoss
+    kernels = tailrec_kernels_of(dmp)
+    if torch.is_tensor(loss):
+        val = loss.detach().float().reshape(1).clone()
+    else:  # a plain number (tests, tools): put it where the kernels read it
+        dev = kernels[0].emb_module.weights.device if kernels else None
+        val = torch.tensor([float(loss)], dtype=torch.float32, device=dev)
+    out = MainLoss(val)
     if reduce and dist.is_initialized() and dist.get_world_size(pg) > 1:
-        out = PendingLoss(val, dist.all_reduce(val, group=pg, async_op=True), dist.get_world_size(pg))
-    else:
-        out = float(val.item())
-    for k in tailrec_kernels_of(dmp):
+        world = dist.get_world_size(pg)
+        out = MainLoss(val, dist.all_reduce(val, group=pg, async_op=True), 1.0 / world)
+    for k in kernels:
         k.emb_module.main_loss = out
     return out
 
