@@ -63,6 +63,8 @@ def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None, table=None):
     out = []
     for i in range(n):
         d = dirs[i][0]
+        ub_i = max(ub, sum(x * x for x in d) / len(d)) if getattr(cfg, "ub_row_floor", False) and \
+            getattr(cfg, "ub_mode", "fixed") == "table" and cfg.step_rule == "cfsgd" else ub
         if cfg.step_rule == "rowwise_adagrad":
             st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
             eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
@@ -76,9 +78,9 @@ def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None, table=None):
                 # Li et al. 2021, literally: eta_k = min(eta_max, alpha / sqrt(T p_hat_k)), p_hat_k = c_k / t,
                 # with alpha = lr / sqrt(ub) (no eps: 1e-8 is far below the tolerance)
                 p_hat = c / step
-                eta = min(cfg.lr_max, (cfg.lr / math.sqrt(ub)) / math.sqrt(cfg.horizon * p_hat))
+                eta = min(cfg.lr_max, (cfg.lr / math.sqrt(ub_i)) / math.sqrt(cfg.horizon * p_hat))
             else:
-                eta = min(cfg.lr_max, cfg.lr / (math.sqrt(ub * c) + cfg.eps))
+                eta = min(cfg.lr_max, cfg.lr / (math.sqrt(ub_i * c) + cfg.eps))
             if cfg.adjustment_iter > 0:
                 st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
                 if step <= cfg.adjustment_iter:

@@ -103,6 +103,8 @@ CONFIGS = {
     "cfsgd_lexico_plain": RuleConfig(lr=0.1, lexico=True, lexico_apply_to_all=False),
     "cfsgd_table_ub": RuleConfig(lr=0.05, ub_mode="table", adjustment_ub=1.5),
     "cfsgd_table_ub_geo_lexico": RuleConfig(lr=0.05, ub_mode="table", ub_rows="geometric", lexico=True),
+    "cfsgd_table_ub_geo_floor": RuleConfig(lr=0.05, ub_mode="table", ub_rows="geometric", ub_row_floor=True,
+                                           counter_halflife=3.0),
     "cfsgd_table_ub_paper_lexico": RuleConfig(lr=0.05, ub_mode="table", counter_form="paper", horizon=6,
                                               counter_halflife=3.0, lexico=True),
 }

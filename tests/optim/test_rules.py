@@ -101,12 +101,12 @@ def test_paper_form_keeps_a_steady_rows_step_constant_and_reduces_to_fbgemm_at_t
 
 @pytest.mark.parametrize("form", ["fbgemm", "paper"])
 @pytest.mark.parametrize("lexico", [False, True])
-@pytest.mark.parametrize("rows", ["arithmetic", "geometric"])
-def test_cfsgd_table_ub_matches_the_formula(form, lexico, rows):
+@pytest.mark.parametrize("rows,floor", [("arithmetic", False), ("geometric", False), ("geometric", True)])
+def test_cfsgd_table_ub_matches_the_formula(form, lexico, rows, floor):
     """ub_mode="table": ub = adjustment_ub x mean over steps of x_t, x_t the arithmetic mean over updated rows
     of mean_d d^2, or its geometric mean over the rows with d != 0 (lexico_data has a g = 0 row)."""
     check(RuleConfig(lr=0.3, adjustment_ub=1.5, ub_mode="table", counter_form=form, horizon=8 if form == "paper" else 0,
-                     lexico=lexico, counter_halflife=4.0, ub_rows=rows), steps=8, lexico_data=lexico)
+                     lexico=lexico, counter_halflife=4.0, ub_rows=rows, ub_row_floor=floor), steps=8, lexico_data=lexico)
 
 
 def test_geometric_rows_follow_the_typical_row_not_the_largest():

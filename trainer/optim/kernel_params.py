@@ -14,7 +14,7 @@ from trainer.optim.rules import RuleConfig
 
 SCALARS = ("lr", "eps", "halflife", "ub", "horizon", "lr_max", "alpha", "lam_max", "h_clip", "adj_iter")
 SWITCHES = ("ADAGRAD", "HL_MODE", "PAPER", "HAS_LR_MAX", "WARMUP", "LEXICO", "HAS_LAM_MAX", "H_CLIP", "APPLY_ALL",
-            "TABLE_UB", "UB_GEOMETRIC")
+            "TABLE_UB", "UB_GEOMETRIC", "UB_ROW_FLOOR")
 
 
 def launch_params(cfg: RuleConfig) -> Tuple[Dict[str, float], Dict[str, int]]:
@@ -37,6 +37,7 @@ def launch_params(cfg: RuleConfig) -> Tuple[Dict[str, float], Dict[str, int]]:
         APPLY_ALL=int(cfg.lexico_apply_to_all),
         TABLE_UB=int(cfg.table_ub),       # ub = adjustment_ub x the table's running mean of mean_d(d^2)
         UB_GEOMETRIC=int(cfg.table_ub and cfg.ub_rows == "geometric"),   # x_t: geometric mean over the rows
+        UB_ROW_FLOOR=int(cfg.table_ub and cfg.ub_row_floor),              # per row: ub >= its own mean_d(d^2)
     )
     assert tuple(scalars) == SCALARS and tuple(switches) == SWITCHES
     return scalars, switches

@@ -27,7 +27,10 @@ Rules (docs/ALGORITHMS.md §1-3):
   plus two floats per table. ``ub_rows`` sets how the rows of one step are averaged into x_t:
   "arithmetic" (the mean; frequent rows, whose summed gradients are the largest, dominate it) or
   "geometric" (exp of the mean log over the rows with d != 0: the typical row, so the many rare rows set
-  the scale and get Adagrad-sized steps).
+  the scale and get Adagrad-sized steps). ``ub_row_floor``: a row's ub is at least its own mean_d(d^2) of
+  this step, so a row whose summed gradient is far above the table's typical one (a frequent id, many
+  occurrences in the batch) takes a normalised step (at most lr / sqrt(c) in RMS), as rowwise Adagrad's
+  first step does; it costs no state.
 * Warm-up (adjustment_iter > 0): while step <= adjustment_iter the row uses rowwise Adagrad
   (as FBGEMM: "adjust only when iter > adjustment_iter"). Needs the Adagrad sum, so that
   state is only allocated when warm-up is configured.
@@ -77,6 +80,7 @@ class RuleConfig:
     lexico_apply_to_all: bool = True
     ub_mode: str = "fixed"            # "fixed": adjustment_ub | "table": adjustment_ub x the table's mean d^2
     ub_rows: str = "arithmetic"       # how a step's rows are averaged into x_t: arithmetic | geometric
+    ub_row_floor: bool = False        # per row: ub >= the row's own mean_d(d^2) of this step
     shadow_suffix: str = "__shadow"
 
     def __post_init__(self) -> None:
@@ -135,6 +139,7 @@ def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
         lexico=bool(cfg.lexico), lexico_alpha=float(cfg.lexico_alpha),
         lexico_lambda_max=float(cfg.lexico_lambda_max), lexico_h_clip=float(cfg.lexico_h_clip),
         ub_mode=str(getattr(cfg, "ub_mode", "fixed")), ub_rows=str(getattr(cfg, "ub_rows", "arithmetic")),
+        ub_row_floor=bool(getattr(cfg, "ub_row_floor", False)),
     )
     if hasattr(cfg, "lexico_apply_to_all"):
         kw["lexico_apply_to_all"] = bool(cfg.lexico_apply_to_all)
@@ -252,6 +257,8 @@ def apply_step(cfg: RuleConfig, rows: Tensor, g: Tensor, state: Dict[str, Tensor
         if table_state is None:
             raise ValueError("ub_mode='table' needs the table's state (ub_sum, ub_count)")
         ub, new_table = table_ub_update(cfg, table_state, d)
+        if cfg.ub_row_floor:
+            ub = torch.maximum(ub, d.double().square().mean(1))
     eta = _step_size(cfg, new_state, d, step, ub)
     return StepResult(rows=rows - eta.unsqueeze(1).to(rows.dtype) * d.to(rows.dtype),
                       state=new_state, eta=eta, lam=lam, table_state=new_table)

@@ -96,7 +96,8 @@ def _update_rows_kernel(
         lr, eps, halflife, ub, horizon, lr_max, alpha, lam_max, h_clip, adj_iter,
         ADAGRAD: tl.constexpr, HL_MODE: tl.constexpr, PAPER: tl.constexpr, HAS_LR_MAX: tl.constexpr,
         WARMUP: tl.constexpr, LEXICO: tl.constexpr, HAS_LAM_MAX: tl.constexpr, H_CLIP: tl.constexpr,
-        APPLY_ALL: tl.constexpr, TABLE_UB: tl.constexpr, STATS: tl.constexpr, HAS_SHADOW: tl.constexpr,
+        APPLY_ALL: tl.constexpr, TABLE_UB: tl.constexpr, UB_ROW_FLOOR: tl.constexpr, STATS: tl.constexpr,
+        HAS_SHADOW: tl.constexpr,
         ROWS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     n_rows = tl.load(nseg_ptr)
@@ -153,6 +154,8 @@ def _update_rows_kernel(
                         scale = ub
                         if TABLE_UB:
                             scale = tl.load(ub_ptr + t)   # the table's ub of this step (between the passes)
+                            if UB_ROW_FLOOR:              # a row's ub is at least its own mean_d(d^2)
+                                scale = tl.maximum(scale, tl.sum(d * d, axis=0) / Df)
                         if PAPER:
                             scale = scale * (horizon / tl.maximum(stepf, 1.0))   # c T / t = T / p_hat
                         eta = lr / (tl.sqrt_rn(scale * c) + eps)

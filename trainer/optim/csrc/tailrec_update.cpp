@@ -33,6 +33,7 @@ struct Hyper {
   bool paper, has_lr_max, warmup, lexico, has_lam_max, h_clip_on, apply_all;
   bool table_ub;  // ub = ub x the table's running mean of mean_d(d^2) (rules.table_ub_update)
   bool ub_geometric;  // x_t: geometric mean over the rows with d != 0 (ub_rows="geometric")
+  bool ub_row_floor;  // per row: ub >= the row's own mean_d(d^2) of this step
   int64_t step;  // global step (already advanced for this backward)
   double loss;   // main loss x scale (lexico only)
 };
@@ -336,7 +337,8 @@ __attribute__((always_inline)) inline void run_table(const Hyper& hp, const Inpu
     float* g = gacc + (int64_t)u * D;
     const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
     if (!hp.table_ub) lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
-    const float eta = step_size<DT>(hp, ub, rof + r, g, D, in.cnt, in.last, in.ada);
+    const double ub_row = hp.ub_row_floor ? std::max(ub, (double)mean_sq<DT>(g, D)) : ub;
+    const float eta = step_size<DT>(hp, ub_row, rof + r, g, D, in.cnt, in.last, in.ada);
     float* __restrict__ w = W + r * D;
     axpy<DT>(w, -eta, g, D);
     updo[j] = 1;
@@ -370,13 +372,13 @@ std::vector<torch::Tensor> tailrec_update(
     torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
     torch::Tensor ada, torch::Tensor ub_stat, torch::Tensor step, torch::Tensor loss, std::vector<double> hf,
     std::vector<int64_t> hi) {
-  TORCH_CHECK(hf.size() == 11 && hi.size() == 12, "tailrec_update: hyper-parameter lists do not match the op");
+  TORCH_CHECK(hf.size() == 11 && hi.size() == 13, "tailrec_update: hyper-parameter lists do not match the op");
   // grad may be a column slice of a wider gradient (TorchRec splits one output among kernels): rows
   // are read through its row stride, so it is used in place
   TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "tailrec_update: grad rows must be contiguous");
   Hyper hp{hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8], (int64_t)hf[9],
            hi[0], hi[1], (bool)hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[5], (bool)hi[6], (bool)hi[7], (bool)hi[8],
-           (bool)hi[9], (bool)hi[10], step.data_ptr<int64_t>()[0], 0.0};
+           (bool)hi[9], (bool)hi[10], (bool)hi[11], step.data_ptr<int64_t>()[0], 0.0};
   TORCH_CHECK(!hp.table_ub || (ub_stat.dtype() == torch::kFloat64 && ub_stat.numel() == 2 * tab_dim.size(0)),
               "tailrec kernel: ub_mode=table needs a float64 [tables, 2] ub_stat");
   if (hp.lexico) {
@@ -390,7 +392,7 @@ std::vector<torch::Tensor> tailrec_update(
   const int64_t* dim = tab_dim.data_ptr<int64_t>();
   Inputs in{indices.data_ptr<int64_t>(), off, psw.numel() ? psw.data_ptr<float>() : nullptr,
             grad.data_ptr<float>(), grad.stride(0), B, feat_col.data_ptr<int64_t>(),
-            feat_shadow.data_ptr<bool>(), hi[11] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
+            feat_shadow.data_ptr<bool>(), hi[12] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
             counter.numel() ? counter.data_ptr<float>() : nullptr,
             last_step.numel() ? last_step.data_ptr<int32_t>() : nullptr,
             ada.numel() ? ada.data_ptr<float>() : nullptr,
