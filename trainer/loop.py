@@ -32,7 +32,7 @@ from trainer.dense_optimizer import build_dense_optimizer
 from trainer.diagnostics import CollapseMonitor
 from trainer.results import PROGRESS, append_progress
 from trainer.pipeline import PinnedBatches, TimedIterator, make_driver
-from trainer.sharding import kernel_stats, set_optimizer_step, shard_model
+from trainer.sharding import kernel_stats, load_ub_state, set_optimizer_step, shard_model, ub_state
 from trainer import transfer_wiring
 from trainer.train_module import TrainModule
 from trainer import tables
@@ -172,6 +172,15 @@ class Trainer:
             st["transfer"] = self.transfer.app_state()   # FRAGE discriminators
         return st
 
+    def _gather_ub_state(self) -> dict:
+        """Every rank's per-shard ub estimates (a few floats per shard), merged: collective."""
+        local = ub_state(self.dmp)
+        if self.env.world_size == 1:
+            return local
+        parts: list = [None] * self.env.world_size
+        dist.all_gather_object(parts, local)
+        return {k: v for part in parts for k, v in part.items()}
+
     def _sync_replicated_buffers(self) -> None:
         """BatchNorm running stats are per rank (DMP wraps DDP with broadcast_buffers=False) and DCP
         saves one replica's copy, not necessarily rank 0's. Before eval and checkpoints every rank takes
@@ -189,6 +198,7 @@ class Trainer:
         meta = asdict(self.state) | {"world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)}
         if self.transfer:   # transfer statistics since the last evaluation, so a resume reports the same means
             meta["transfer_stats"] = self.transfer.fold_for_checkpoint(self.env.rank)
+        meta["ub_state"] = self._gather_ub_state()   # cfsgd's per-table estimates, by shard (resharding-safe)
         dur = self.checkpointer.save(self.state.step, self._app_state(), meta)
         self.heartbeat.beat(f"checkpoint {self.state.step}")
         if self.metrics:
@@ -237,6 +247,10 @@ class Trainer:
         stats = meta.pop("transfer_stats", None)
         if self.transfer and stats is not None:
             self.transfer.load_fold(stats, self.env.rank)
+        approx = load_ub_state(self.dmp, meta.pop("ub_state", None) or {})
+        if approx:
+            log.warning("%d table shard(s) were sharded differently when saved: their CF-SGD gradient-scale "
+                        "estimate starts from the mean of the saved shards' estimates", approx)
         self.state = TrainState(**meta)
         if saved_world != self.env.world_size:  # same examples consumed, other per-rank batch count
             self.state.step_in_epoch = self.state.step_in_epoch * saved_world // self.env.world_size

@@ -40,13 +40,16 @@ from trainer.optim.rules import rule_config_from
 from trainer.optim.torchrec_adapter import (
     TailrecOptimizer,
     kernel_stats,
+    load_ub_state,
     optimizer_kwargs,
     set_main_loss,
     set_optimizer_step,
     tailrec_kernels,
+    ub_state,
 )
 
-__all__ = ["ShardResult", "shard_model", "build_topology", "set_optimizer_step", "set_main_loss", "kernel_stats"]
+__all__ = ["ShardResult", "shard_model", "build_topology", "set_optimizer_step", "set_main_loss", "kernel_stats",
+           "ub_state", "load_ub_state"]
 GIB = 1024 ** 3
 log = logging.getLogger(__name__)
 

@@ -139,7 +139,7 @@ def test_kernel_matches_reference(name, pooling, weighted, use_ext, monkeypatch)
             for t, s in enumerate(tbe.split_state(n)):
                 torch.testing.assert_close(s.double(), state[n][t].double(), rtol=1e-5, atol=1e-6)
         if cfg.table_ub:   # the per-table running mean of x_t, in float64 on both sides
-            got = [float(d[k]) for d in tbe.get_optimizer_state() for k in ("ub_sum", "ub_count")]
+            got = [float(v) for row in tbe.ub_stat.tolist() for v in row]
             want = [float(tb[k]) for tb in tables for k in ("ub_sum", "ub_count")]
             assert got == pytest.approx(want, rel=1e-5)
     assert int(tbe.step) == 4

@@ -7,6 +7,7 @@ replay (rules.py / FBGEMM's documented rules) to OUT.json.
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -20,7 +21,8 @@ from trainer.config import EmbeddingConfig, EmbOptimConfig, TableConfig
 from tests.optim.reference import ref_step
 from trainer.optim import rules
 from trainer.optim.rules import rule_config_from
-from trainer.sharding import set_main_loss, set_optimizer_step, shard_model
+from trainer.optim.torchrec_adapter import tailrec_kernels_of
+from trainer.sharding import load_ub_state, set_main_loss, set_optimizer_step, shard_model, ub_state
 
 B = 8
 SHADOW = "__shadow"
@@ -367,9 +369,15 @@ def dcp_cfg():
 
 def snapshot(dmp, tables) -> Dict[str, list]:
     out = {f"W_{n}": w.tolist() for n, w in weights_of(dmp, tables).items()}
-    for key in ("momentum1", "last_step", "step", "ub_sum", "ub_count"):
+    for key in ("momentum1", "last_step"):
         for n, v in opt_state_of(dmp, tables, key).items():
             out[f"{key}_{n}"] = v.tolist()
+    for k in tailrec_kernels_of(dmp):                   # our kernels' step (set_optimizer_step after a load)
+        for tc in k.config.embedding_tables:
+            out[f"step_{tc.name}"] = [int(k.emb_module.step)]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, ub_state(dmp))        # the per-shard ub estimates (trainer checkpoint metadata)
+    out["ub_state"] = {k: v for p in parts for k, v in sorted(p.items())}
     return out
 
 
@@ -382,12 +390,17 @@ def run_dcp(mode: str, ckpt: str) -> Dict[str, dict]:
     if mode == "save":
         train(res.dmp, tables, 3, False, seed=9, coef=coef, lexico=True)
         dcp.save({"model": res.dmp.state_dict(), "optim": res.dmp.fused_optimizer.state_dict()}, checkpoint_id=ckpt)
+        ub = snapshot(res.dmp, tables)["ub_state"]   # collective: every rank
+        if dist.get_rank() == 0:   # what the trainer puts in its checkpoint metadata
+            Path(ckpt, "ub_state.json").write_text(json.dumps(ub))
+        dist.barrier()
     else:
         sd = {"model": res.dmp.state_dict(), "optim": res.dmp.fused_optimizer.state_dict()}
         dcp.load(sd, checkpoint_id=ckpt)
+        load_ub_state(res.dmp, json.loads(Path(ckpt, "ub_state.json").read_text()))
         res.dmp.load_state_dict(sd["model"])
         res.dmp.fused_optimizer.load_state_dict(sd["optim"])
-        set_optimizer_step(res.dmp, 3)  # harmless for ours (restored), required for FBGEMM
+        set_optimizer_step(res.dmp, 3)  # restores our kernels' step (not in the DCP state) and FBGEMM's iter
     at_ckpt = snapshot(res.dmp, tables)
     train(res.dmp, tables, 3, False, seed=9, coef=coef, start=3, lexico=True)
     return {"at_ckpt": at_ckpt, "final": snapshot(res.dmp, tables)}

@@ -98,9 +98,10 @@ def test_dcp_save_then_load_in_new_process(tmp_path):
     assert a["at_ckpt"] == b["at_ckpt"]   # rows, counters, last_step, step restored exactly
     assert a["final"] == b["final"]       # and further steps identical (bit for bit)
     assert b["at_ckpt"]["step_k0"][0] == 3 and any(v > 0 for v in b["at_ckpt"]["momentum1_k0"])
-    # cfsgd's default ub_mode="table": the per-table (per row shard) running mean is restored too
-    assert b["at_ckpt"]["ub_count_k0"] and all(v == 3 for v in b["at_ckpt"]["ub_count_k0"])
-    assert all(v > 0 for v in b["at_ckpt"]["ub_sum_k0"])
+    # cfsgd's default ub_mode="table": the per-shard running means (row_wise: one per rank) are restored too
+    ub = b["at_ckpt"]["ub_state"]
+    assert sorted(ub) == ["k0@0,0", "k0@25,0", "k1@0,0", "k1@15,0"], ub
+    assert all(v[1] == 3 and v[0] > 0 for v in ub.values())
 
 
 def test_plan_rejects_fused_table_on_data_parallel():

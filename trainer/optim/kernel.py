@@ -202,12 +202,13 @@ class TailrecTBE(nn.Module):
 
     # ---- duck-typed optimizer API that TorchRec's EmbeddingFusedOptimizer calls ----------
     def get_optimizer_state(self) -> List[Dict[str, Tensor]]:
+        """Per-row state, as TorchRec's fused optimizer exports (and DCP reshards) it. Single values are
+        not among them: TorchRec saves those as one value per shard, which cannot load into another
+        sharding (a row_wise table saved by 2 ranks, evaluated on 1). The step is the trainer's global
+        step (set_optimizer_step after a restore); ub_mode="table"'s per-shard estimates go into the
+        trainer's checkpoint metadata (torchrec_adapter.ub_state)."""
         per_row = {n: self.split_state(n) for n in self.cfg.state_names()}
-        # per-table values as 1-element views: TorchRec treats them as single-value states (like "step")
-        per_table = {n: [self.ub_stat[t, i:i + 1] for t in range(len(self.rows))]
-                     for i, n in enumerate(self.cfg.table_state_names())}
-        return [{**{n: per_row[n][t] for n in per_row}, **{n: per_table[n][t] for n in per_table},
-                 "step": self.step} for t in range(len(self.rows))]
+        return [{n: per_row[n][t] for n in per_row} for t in range(len(self.rows))]
 
     def get_learning_rate(self) -> float:
         return self.cfg.lr

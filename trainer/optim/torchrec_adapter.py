@@ -232,3 +232,48 @@ def _quant(d: Dict[str, float], name: str, src: Optional[torch.Tensor], idx: Opt
         return
     for q, val in zip(qs, torch.quantile(v, torch.tensor(qs, device=v.device)).tolist()):
         d[f"{name}_p{int(round(q * 100))}"] = val
+
+
+# ------------------------------------------------------------------------------ per-table ub state
+def _shard_key(tc: Any) -> str:
+    md = getattr(tc, "local_metadata", None)
+    off = list(md.shard_offsets) if md is not None else [0, 0]
+    return f"{tc.name}@{off[0]},{off[1]}"
+
+
+def ub_state(dmp: nn.Module) -> Dict[str, List[float]]:
+    """This rank's ub_mode="table" estimates: ``{"<table>@<row>,<col>": [sum, count]}``, one entry per local
+    table shard (a shard keeps its own estimate over the rows and columns it holds)."""
+    out: Dict[str, List[float]] = {}
+    for k in tailrec_kernels_of(dmp):
+        tbe = k.emb_module
+        if tbe.ub_stat.numel():
+            for t, tc in enumerate(k.config.embedding_tables):
+                out[_shard_key(tc)] = [float(v) for v in tbe.ub_stat[t].tolist()]
+    return out
+
+
+def load_ub_state(dmp: nn.Module, saved: Dict[str, List[float]]) -> int:
+    """Restore ``ub_state`` entries: a shard found under its key takes its own values (the same sharding:
+    exact); another sharding (other world size or plan) takes the mean of its table's saved shards.
+    Returns how many shards had no exact match."""
+    by_table: Dict[str, List[List[float]]] = {}
+    for key, v in saved.items():
+        by_table.setdefault(key.split("@")[0], []).append(v)
+    approx = 0
+    for k in tailrec_kernels_of(dmp):
+        tbe = k.emb_module
+        if not tbe.ub_stat.numel():
+            continue
+        for t, tc in enumerate(k.config.embedding_tables):
+            key = _shard_key(tc)
+            if key in saved:
+                vals = saved[key]
+            elif tc.name in by_table:
+                approx += 1
+                parts = by_table[tc.name]
+                vals = [sum(p[i] for p in parts) / len(parts) for i in range(2)]
+            else:
+                continue
+            tbe.ub_stat[t] = torch.tensor(vals, dtype=tbe.ub_stat.dtype, device=tbe.ub_stat.device)
+    return approx
