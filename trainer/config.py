@@ -65,8 +65,8 @@ class EmbOptimConfig:
     adjustment_ub: float = 1.0         # eta = lr / sqrt(ub * c); with ub_mode=table a multiplier of the estimate
     ub_mode: str | None = None         # cfsgd: "table" (ours, per-table online ub; the default) | "fixed" (FBGEMM:
                                        # ub = adjustment_ub). None: "table" for cfsgd, "fixed" for the others
-    ub_rows: str = "arithmetic"        # table ub: a step's rows averaged arithmetic | geometric (docs/ALGORITHMS §1)
-    ub_row_floor: bool = False         # table ub: a row's ub is at least its own mean_d(d^2) of the step
+    ub_rows: str = "geometric"         # table ub: a step's rows averaged geometric | arithmetic (docs/ALGORITHMS §1)
+    ub_row_floor: bool = True          # table ub: a row's ub is at least its own mean_d(d^2) of the step
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)

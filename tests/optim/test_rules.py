@@ -121,13 +121,14 @@ def test_geometric_rows_follow_the_typical_row_not_the_largest():
     assert float(st0["ub_count"]) == 0                # no non-zero row: the estimate is left as it is
 
 
-def test_table_ub_makes_the_step_independent_of_the_gradient_scale():
+@pytest.mark.parametrize("rows,floor", [("arithmetic", False), ("geometric", True)])
+def test_table_ub_makes_the_step_independent_of_the_gradient_scale(rows, floor):
     """The point of ub_mode="table": scaling every gradient by s (a batch 1/s as large, a loss s times
     larger, s ranks summing their means) leaves the update unchanged; with a fixed ub it scales by s."""
     outs = {}
     for mode in ("fixed", "table"):
         for scale in (1.0, 8.0):
-            cfg = RuleConfig(lr=0.2, ub_mode=mode)
+            cfg = RuleConfig(lr=0.2, ub_mode=mode, ub_rows=rows, ub_row_floor=floor)
             st, tab = rules.init_state(cfg, 4), {"ub_sum": torch.zeros((), dtype=torch.float64),
                                                  "ub_count": torch.zeros((), dtype=torch.float64)}
             W = torch.zeros(4, 3)
