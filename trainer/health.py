@@ -8,11 +8,15 @@ of a large model can take minutes without a training step).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+log = logging.getLogger("tailrec.health")
 
 
 def heartbeat_path(local_rank: int = 0) -> Path:
@@ -24,11 +28,20 @@ class Heartbeat:
     def __init__(self, local_rank: int):
         self.path = heartbeat_path(local_rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # one temporary name per writer: two jobs on one host (the default directory is shared) once
+        # raced on a common "<name>.tmp" and one of them crashed in the rename
+        self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        self._warned = False
 
     def beat(self, what: str = "") -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(f"{time.time():.3f} {what}\n")
-        tmp.replace(self.path)      # atomic: the checker never reads half a file
+        try:
+            self._tmp.write_text(f"{time.time():.3f} {what}\n")
+            self._tmp.replace(self.path)      # atomic: the checker never reads half a file
+        except OSError as e:                  # liveness must never stop the training it reports on
+            if not self._warned:
+                log.warning("heartbeat %s not written (%s); the health check will report this trainer as stuck",
+                            self.path, e)
+                self._warned = True
 
 
 def check(local_rank: int = 0, max_age: float | None = None, now: float | None = None) -> tuple[bool, str]:

@@ -165,3 +165,31 @@ def test_healthcheck_follows_the_heartbeat(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "trainer.health"], env={**os.environ, "TAILREC_HEARTBEAT_DIR": str(tmp_path)},
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_two_jobs_on_one_host_share_the_heartbeat_without_crashing(tmp_path):
+    """Two trainers with the same local rank (two jobs on one host, default directory) beat at once:
+    with one shared temporary name, one of them died in the rename (FileNotFoundError)."""
+    code = ("import sys; from trainer.health import Heartbeat\n"
+            "hb = Heartbeat(0)\n"
+            "for i in range(3000): hb.beat(f'step {i}')\n")
+    env = {**os.environ, "TAILREC_HEARTBEAT_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert not any("heartbeat" in e for e in errs), errs      # not even the warning: no write failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tailrec-heartbeat-0"]   # no temporary left
+
+
+def test_a_heartbeat_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from trainer import health
+
+    monkeypatch.setenv("TAILREC_HEARTBEAT_DIR", str(tmp_path))
+    hb = health.Heartbeat(0)
+    (tmp_path / "tailrec-heartbeat-0").mkdir()     # a directory in the way: the rename fails (even as root)
+    with caplog.at_level("WARNING", logger="tailrec.health"):
+        hb.beat("step 1")
+        hb.beat("step 2")
+    assert [r.getMessage().count("not written") for r in caplog.records] == [1]
+    assert not health.check()[0]

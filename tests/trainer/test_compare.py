@@ -29,6 +29,18 @@ def test_parse_and_expand():
         expand([("a", ()), ("a", ())], [0])
 
 
+def test_a_variants_overrides_win_over_the_commands():
+    """'Variants (overrides on top of the command's)': the trainer's parser keeps the last value."""
+    from trainer.config import load_config
+    from trainer.experiments.ablate import run_cmd
+    (v,) = expand([("ctrl", ("--transfer.lexico_weight=0",))], [1])
+    cmd = run_cmd(v, "configs/movielens_deepfm.yaml", "DATA", Path("RUN"), 1,
+                  ["--transfer.lexico_weight=1", "--data.path=ELSEWHERE"])
+    overrides = [a for a in cmd if a.startswith("--") and "=" in a and not a.startswith("--config")]
+    cfg = load_config(str(REPO / "configs/movielens_deepfm.yaml"), overrides)
+    assert cfg.transfer.lexico_weight == 0 and cfg.data.path == "DATA" and cfg.train.seed == 1
+
+
 def _result(auc, tail, ia, sets=False):
     col = {("movie_id__sets" if sets else "movie_id"): {"method": "exact", "groups": {
         "all": {"rows": 10, "abundance": ia, "singular_values": []},

@@ -91,8 +91,9 @@ def expand_grid(modes: list[str], optimizers: list[str], models: list[str], seed
 
 
 def run_cmd(combo: Combo, config: str, data: str, run_dir: Path, nproc: int, extra: list[str]) -> list[str]:
-    return launch.trainer_command("train", config, [f"--data.path={data}", f"--run_dir={run_dir}",
-                                                    *combo.overrides(), *extra], nproc=nproc)
+    # later overrides win: the run's own (variant / grid point, data, run dir) go on top of the command's
+    return launch.trainer_command("train", config, [*extra, *combo.overrides(), f"--data.path={data}",
+                                                    f"--run_dir={run_dir}"], nproc=nproc)
 
 
 def run_grid(combos: list[Combo], config: str, data: str, out: Path, jobs: int = 1, nproc: int = 1,
