@@ -49,3 +49,29 @@ def test_bench_train_tiny(tmp_path, capsys):
 
 def test_bench_train_rejects_unknown_optimizer(capsys):
     assert bench.main(["--optimizers", "adam_typo"]) == 2
+
+
+def test_bench_train_variant_mode_times_each_variant_against_the_control(tiny_ml, tmp_path, capsys):
+    """Any config on any converted dataset, variants interleaved: what the transfer costs per step."""
+    rc = bench.main(["--config", "configs/movielens_deepfm.yaml", "--data", str(tiny_ml), "--ranks", "1",
+                     "--batch", "256", "--eval-batch", "1024", "--steps", "4", "--warmup", "1", "--rounds", "2",
+                     "--variant", "cfsgd: --transfer.mode=baseline",
+                     "--variant", "both: --transfer.mode=both --transfer.features=[movie_id]",
+                     "--work", str(tmp_path), "--json", str(tmp_path / "v.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip().strip("|").split("|")] for line in out.splitlines())
+            if len(c) == 8 and c[0] in ("cfsgd", "both")}
+    assert set(rows) == {"cfsgd", "both"}, out
+    assert rows["cfsgd"][4] == "+0.0%" and rows["cfsgd"][5] == "1.00, 1.00"
+    data = json.loads((tmp_path / "v.json").read_text())["results"]
+    both = next(r for r in data if r["optimizer"] == "both")
+    ctrl = next(r for r in data if r["optimizer"] == "cfsgd")
+    ratios = [b / c for b, c in zip(both["rounds_in_order"], ctrl["rounds_in_order"])]
+    assert rows["both"][5] == ", ".join(f"{x:.2f}" for x in ratios)
+    assert len(both["rounds_in_order"]) == 2 and both["steps"] == 4
+
+
+def test_bench_train_variant_mode_needs_config_and_data(capsys):
+    assert bench.main(["--variant", "a: --x.y=1"]) == 2
+    assert "go together" in capsys.readouterr().err

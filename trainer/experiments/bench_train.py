@@ -3,6 +3,12 @@
 
     tailrec bench train [--rows 300000 --steps 40 --warmup 5 --models deepfm,dlrm --ranks 1,2 ...]
 
+Or any configuration on any converted dataset, compared variant by variant (for example what the
+transfer costs per step at the demo's batch size):
+
+    tailrec bench train --config configs/movielens_deepfm.yaml --data runs/demo/dataset --ranks 2 \
+        --batch 1024 --rounds 5 --variant "cfsgd: --transfer.mode=baseline" --variant "both: --transfer.mode=both"
+
 Data: a Kaggle-layout ``train.txt`` from ``data.generate.generate_criteo`` (26 categorical fields with
 long-tail ids), converted in hash mode (every table ``hash_size + 1`` rows; statistics pass off).
 
@@ -107,14 +113,18 @@ def prepare_dataset(work: Path, rows: int, hash_size: int, seed: int, eval_frac:
 
 
 def trainer_command(model: str, ranks: int, optimizer: str, dataset: Path, run_dir: Path, out_dir: Path,
-                    a: argparse.Namespace) -> List[str]:
+                    a: argparse.Namespace, variant: List[str] | None = None) -> List[str]:
+    """One configuration: an optimizer of the Criteo grid, or (``variant`` given) a variant's overrides
+    on ``--config`` (later overrides win: the variant's go last)."""
+    config = a.config or str(REPO / "configs" / f"criteo_{model}.yaml")
+    own = [f"--embedding.optimizer.name={optimizer}", '--data.bucket_feature=""'] if variant is None else variant
     return launch.command([
-        "--worker", str(out_dir), "--config", str(REPO / "configs" / f"criteo_{model}.yaml"),
+        "--worker", str(out_dir), "--config", config,
         f"--data.path={dataset}", f"--run_dir={run_dir}", f"--data.batch_size={a.batch}",
-        f"--data.eval_batch_size={a.eval_batch}", '--data.bucket_feature=""', "--train.epochs=1",
+        f"--data.eval_batch_size={a.eval_batch}", "--train.epochs=1",
         f"--train.max_steps={a.steps}", "--train.device=cpu", f"--train.log_every={10**9}",
-        "--checkpoint.resume=false", f"--embedding.optimizer.name={optimizer}",
-    ] + list(a.override), nproc=ranks, module="trainer.experiments.bench_train")
+        "--checkpoint.resume=false", *a.override, *own,
+    ], nproc=ranks, module="trainer.experiments.bench_train")
 
 
 def state_bytes(optimizer: str, dim: int) -> int:
@@ -144,12 +154,15 @@ def checkpoint_state_bytes(run_dir: Path) -> Dict[str, int]:
     return out
 
 
-def run_config(model: str, ranks: int, optimizer: str, dataset: Path, work: Path, a) -> dict:
+def run_config(model: str, ranks: int, optimizer: str, dataset: Path, work: Path, a,
+               variant: List[str] | None = None) -> dict:
+    """``optimizer`` is the row's label: an optimizer name, or a variant's label with its ``variant``
+    overrides."""
     run_dir, out_dir = work / f"run-{model}-{ranks}-{optimizer}", work / f"out-{model}-{ranks}-{optimizer}"
     for d in (run_dir, out_dir):
         shutil.rmtree(d, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    cmd = trainer_command(model, ranks, optimizer, dataset, run_dir, out_dir, a)
+    cmd = trainer_command(model, ranks, optimizer, dataset, run_dir, out_dir, a, variant)
     env = launch.subprocess_env()
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=a.timeout)
@@ -177,8 +190,26 @@ def run_config(model: str, ranks: int, optimizer: str, dataset: Path, work: Path
 
 def _median_round(rs: List[dict]) -> dict:
     """The round with the median ms/step (its RSS and checkpoint come with it); all rounds' ms/step kept."""
+    order = [r["ms_per_step"] for r in rs]
     rs = sorted(rs, key=lambda r: r["ms_per_step"])
-    return dict(rs[(len(rs) - 1) // 2], rounds_ms_per_step=[r["ms_per_step"] for r in rs])
+    return dict(rs[(len(rs) - 1) // 2], rounds_ms_per_step=[r["ms_per_step"] for r in rs], rounds_in_order=order)
+
+
+def format_variants(results: List[dict]) -> str:
+    """Variant mode: ms/step side by side, and each variant's cost over the first (the control), per
+    round (rounds are interleaved, so round i of every variant ran under similar load)."""
+    ctrl = results[0]
+    lines = [f"| variant | ranks | ms/step (median round) | examples/s | vs `{ctrl['optimizer']}` (median of "
+             "per-round ratios) | per-round ratios | ms/step of each round (run order) | peak RSS/rank MiB |",
+             "|---|---:|---:|---:|---:|---|---|---:|"]
+    for r in results:
+        ratios = [x / c for x, c in zip(r["rounds_in_order"], ctrl["rounds_in_order"])]
+        med = sorted(ratios)[(len(ratios) - 1) // 2]
+        lines.append(f"| {r['optimizer']} | {r['ranks']} | {r['ms_per_step']:,.1f} | {r['examples_per_s']:,.0f} "
+                     f"| {100 * (med - 1):+.1f}% | {', '.join(f'{x:.2f}' for x in ratios)} "
+                     f"| {', '.join(f'{x:,.1f}' for x in r['rounds_in_order'])} "
+                     f"| {' / '.join(f'{x:,.0f}' for x in r['peak_rss_mib'])} |")
+    return "\n".join(lines)
 
 
 def _dim(model: str, base_dim: int) -> int:
@@ -251,6 +282,10 @@ def _args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--json", help="also write the numbers here")
     p.add_argument("--override", action="append", default=[], help="extra trainer override, e.g. "
                    "--override=--train.pipeline=false (repeatable)")
+    p.add_argument("--config", help="variant mode: this config instead of configs/criteo_<model>.yaml")
+    p.add_argument("--data", help="variant mode: a converted dataset (nothing generated)")
+    p.add_argument("--variant", action="append", default=[], help="variant mode: 'label: --a.b=c ...' "
+                   "(repeatable; the first is the control); needs --config and --data")
     return p.parse_args(argv)
 
 
@@ -259,6 +294,8 @@ def main(argv: List[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return _worker(argv[1:])
     a = _args(argv)
+    if a.variant or a.config or a.data:
+        return _main_variants(a)
     models, ranks = a.models.split(","), [int(r) for r in a.ranks.split(",")]
     opts = a.optimizers.split(",")
     bad = [m for m in models if m not in MODELS] + [o for o in opts if o not in OPTIMIZERS]
@@ -294,6 +331,47 @@ def main(argv: List[str] | None = None) -> int:
     print(table)
     if a.json:
         Path(a.json).write_text(json.dumps({"dataset": info, "results": results, "args": vars(a)}, indent=2) + "\n")
+    return 0
+
+
+def _main_variants(a: argparse.Namespace) -> int:
+    from trainer.experiments.compare import parse_variant
+
+    if not (a.variant and a.config and a.data):
+        print("tailrec bench train: --variant, --config and --data go together", file=sys.stderr)
+        return 2
+    try:
+        variants = [parse_variant(v) for v in a.variant]
+    except ValueError as e:
+        print(f"tailrec bench train: {e}", file=sys.stderr)
+        return 2
+    dataset = Path(a.data).resolve()
+    if not (dataset / "manifest.json").is_file():
+        print(f"tailrec bench train: {dataset}: no manifest.json (convert the data first)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tailrec-bench-train-") as tmp:
+        work = Path(a.work) if a.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for r in [int(x) for x in a.ranks.split(",")]:
+            rounds: Dict[str, List[dict]] = {label: [] for label, _ in variants}
+            for i in range(a.rounds):   # variants innermost and interleaved: same machine load
+                for label, args in variants:
+                    res = run_config("variant", r, label, dataset, work, a, list(args))
+                    rounds[label].append(res)
+                    if res["steps"] < a.steps:
+                        print(f"  warning: epoch ended after {res['steps']} of {a.steps} steps", flush=True)
+                    print(f"  x{r} {label} (round {i + 1}): {res['ms_per_step']:.1f} ms/step "
+                          f"({res['wall_s']:.0f}s wall)", flush=True)
+            results += [_median_round(rounds[label]) for label, _ in variants]
+    print(f"\n{a.config} on {a.data}: batch {a.batch}/rank, {a.steps} steps per run, ms/step = mean of steps "
+          f"{a.warmup + 1}..{a.steps} (rank 0), {a.rounds} interleaved round(s), "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, total {time.perf_counter() - t0:.0f}s\n")
+    for r in sorted({x["ranks"] for x in results}):
+        print(format_variants([x for x in results if x["ranks"] == r]) + "\n")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"results": results, "args": vars(a)}, indent=2) + "\n")
     return 0
 
 
