@@ -8,6 +8,7 @@ tailrec compare --config configs/movielens_deepfm.yaml --data runs/quality/genha
   --seeds 1,2,3 --nproc 2 --title "CF-SGD vs FBGEMM rowwise Adagrad, generated world (logit_scale 0.35), 2 ranks x 1024" \
   --variant "stock: --method=stock" \
   --variant "cfsgd_fixed_lr3: --transfer.mode=baseline --embedding.optimizer.ub_mode=fixed --embedding.optimizer.lr=3" \
-  --variant "cfsgd_lr0.03: --transfer.mode=baseline --embedding.optimizer.lr=0.03" \
+  --variant "cfsgd_arith_lr0.03: --transfer.mode=baseline --embedding.optimizer.ub_rows=arithmetic --embedding.optimizer.ub_row_floor=false --embedding.optimizer.lr=0.03" \
+  --variant "cfsgd_arith: --transfer.mode=baseline --embedding.optimizer.ub_rows=arithmetic --embedding.optimizer.ub_row_floor=false" \
   --variant "cfsgd: --transfer.mode=baseline" \
   --transfer.eval_groups=runs/quality/genhard/raw/planted.json --train.epochs=8 "$@"

@@ -365,8 +365,9 @@ def _main_variants(a: argparse.Namespace) -> int:
                     print(f"  x{r} {label} (round {i + 1}): {res['ms_per_step']:.1f} ms/step "
                           f"({res['wall_s']:.0f}s wall)", flush=True)
             results += [_median_round(rounds[label]) for label, _ in variants]
-    print(f"\n{a.config} on {a.data}: batch {a.batch}/rank, {a.steps} steps per run, ms/step = mean of steps "
-          f"{a.warmup + 1}..{a.steps} (rank 0), {a.rounds} interleaved round(s), "
+    last = min(min(x["steps"] for x in results), a.steps)   # an epoch may end first
+    print(f"\n{a.config} on {a.data}: batch {a.batch}/rank, {last} steps per run, ms/step = mean of steps "
+          f"{a.warmup + 1}..{last} (rank 0), {a.rounds} interleaved round(s), "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, total {time.perf_counter() - t0:.0f}s\n")
     for r in sorted({x["ranks"] for x in results}):
         print(format_variants([x for x in results if x["ranks"] == r]) + "\n")
