@@ -31,6 +31,8 @@ KNOWN_BENIGN = (
      "raised inside TorchRec's DistributedModelParallel, not by our code"),
     ("torchrec.distributed.planner.storage_reservations", "There is a known issue with TorchRec's dense tensor",
      "a dry-run estimate in the planner's storage reservation; no effect on the plan we pass"),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor",
+     "TorchRec 1.8 keeps row- and column-wise shards as ShardedTensor; reading their size warns"),
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true",
      "TrainPipelineSparseDist's tracer; an informational torch notice"),
 )
