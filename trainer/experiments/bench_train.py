@@ -122,7 +122,7 @@ def trainer_command(model: str, ranks: int, optimizer: str, dataset: Path, run_d
         "--worker", str(out_dir), "--config", config,
         f"--data.path={dataset}", f"--run_dir={run_dir}", f"--data.batch_size={a.batch}",
         f"--data.eval_batch_size={a.eval_batch}", "--train.epochs=1",
-        f"--train.max_steps={a.steps}", "--train.device=cpu", f"--train.log_every={10**9}",
+        f"--train.max_steps={a.steps}", f"--train.device={a.device}", f"--train.log_every={10**9}",
         "--checkpoint.resume=false", *a.override, *own,
     ], nproc=ranks, module="trainer.experiments.bench_train")
 
@@ -282,6 +282,7 @@ def _args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--json", help="also write the numbers here")
     p.add_argument("--override", action="append", default=[], help="extra trainer override, e.g. "
                    "--override=--train.pipeline=false (repeatable)")
+    p.add_argument("--device", default="cpu", help="train.device of every run (cpu | cuda | auto)")
     p.add_argument("--config", help="variant mode: this config instead of configs/criteo_<model>.yaml")
     p.add_argument("--data", help="variant mode: a converted dataset (nothing generated)")
     p.add_argument("--variant", action="append", default=[], help="variant mode: 'label: --a.b=c ...' "
