@@ -28,4 +28,7 @@ def test_gpu_check_script_runs_in_cpu_mode(tmp_path):
         block = log[head.end():].split("world=", 1)[0]
         rows = {ln.split("|")[1].strip() for ln in block.splitlines() if ln.startswith("| ")}
         assert set(NEEDED) <= rows, rows
+    train = log[log.index("=== 4/4"):]      # the trainer end to end: the three variants side by side
+    rows = {ln.split("|")[1].strip() for ln in train.splitlines() if ln.startswith("| ")}
+    assert {"cfsgd", "both", "stock"} <= rows, train[-2000:]
     assert "=== done in" in log
