@@ -1,6 +1,8 @@
 """The selective target domain T'_eta (docs/ALGORITHMS.md §5) from a dataset's ``stats/``.
 
-S = the top ``source_frac`` of the feature's seen train ids by count (ties by id), T = the other seen ids.
+S = the top ``source_frac`` of the feature's seen train ids by count (ties by id), T = the other seen ids,
+or with ``target_frac`` < 1 only those among the rarest ``target_frac`` of the seen ids (0.5: about the
+tail bucket of data.stats, so the torso keeps its own data alone).
 score(i) = max_{j in S} cos(s_i, s_j) over the co-occurrence rows (0 when s_i = 0);
 eta = the ``eta_quantile`` quantile of the target scores (numpy's default, linear);
 T'_eta = {i in T : score(i) >= eta}: the paper drops the ~20% least transferable target ids.
@@ -74,13 +76,14 @@ def max_cosine(target: sp.csr_matrix, source: sp.csr_matrix, with_argmax: bool =
 
 
 def selective_target_domain(dataset_dir, feature: str, source_frac: float = 0.2,
-                            eta_quantile: float = 0.2) -> SelectiveDomain:
+                            eta_quantile: float = 0.2, target_frac: float = 1.0) -> SelectiveDomain:
     counts = load_counts(dataset_dir)
     if feature not in counts:
         raise KeyError(f"no statistics for feature {feature!r}; have {sorted(counts)}")
     ranked = _ranked_seen(counts[feature])
     n_src = min(len(ranked), max(1, math.ceil(source_frac * len(ranked)))) if len(ranked) else 0
-    src, tgt = ranked[:n_src], ranked[n_src:]
+    n_tgt = min(len(ranked) - n_src, math.floor(target_frac * len(ranked)))
+    src, tgt = ranked[:n_src], ranked[len(ranked) - n_tgt:]
     cooc = load_cooc(dataset_dir, feature)
     scores, arg = max_cosine(cooc[tgt], cooc[src], with_argmax=True)
     eta = float(np.quantile(scores, eta_quantile)) if len(scores) else 0.0

@@ -218,6 +218,9 @@ class TransferConfig:
     # noise, 3 seeds) and kept most of the twins' gain (reports/quality)
     lexico_weight: float = 0.3
     source_frac: float = 0.2           # top 20% ids by count = source domain
+    # targets only among the rarest target_frac of the seen ids (1: every non-source id, the paper's T;
+    # 0.5: about the tail bucket, so torso ids are not pulled)
+    target_frac: float = 1.0
     eta_quantile: float = 0.2          # selective target domain threshold quantile
     frage_lr: float = 0.02
     cosreg_form: str = "batch_mean"    # batch_mean: ||mean unit row||^2 | paper: mean cos over distinct pairs
@@ -236,6 +239,7 @@ class TransferConfig:
         _number(where, "weight", self.weight, 0)
         _number(where, "lexico_weight", self.lexico_weight, 0)
         _number(where, "source_frac", self.source_frac, 0, strict=True, high=1)
+        _number(where, "target_frac", self.target_frac, 0, strict=True, high=1)
         _number(where, "eta_quantile", self.eta_quantile, 0, high=1)
         _number(where, "frage_lr", self.frage_lr, 0, strict=True)
         _number(where, "anchor_count_scale", self.anchor_count_scale, 0)

@@ -108,7 +108,7 @@ def build_domains(cfg: Config, factor_dims: dict[str, int], num_embeddings: dict
     t, out = cfg.transfer, {}
     for f in t.features:
         t0 = time.perf_counter()
-        dom = selective_target_domain(cfg.data.path, f, t.source_frac, t.eta_quantile)
+        dom = selective_target_domain(cfg.data.path, f, t.source_frac, t.eta_quantile, t.target_frac)
         n = num_embeddings[f]
         is_source = torch.zeros(n, dtype=torch.bool)
         is_source[torch.from_numpy(dom.source_ids)] = True

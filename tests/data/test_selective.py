@@ -15,14 +15,15 @@ helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
 
 
-def reference_domain(feats, records, feature, top_k, source_frac=0.2, q=0.2):
+def reference_domain(feats, records, feature, top_k, source_frac=0.2, q=0.2, target_frac=1.0):
     """Dense numpy from the brute-force co-occurrence; ranking by (count desc, id asc)."""
     counts, _, cooc = helpers.brute_force(feats, records, top_k)
     cnt, c = counts[feature], cooc[feature].astype(float)
     ranked = sorted((-cnt[i], i) for i in range(len(cnt)) if cnt[i] > 0)
     ids = [i for _, i in ranked]
     n_src = int(np.ceil(source_frac * len(ids)))
-    src, tgt = ids[:n_src], ids[n_src:]
+    rarest = set(ids[len(ids) - int(np.floor(target_frac * len(ids))):])   # the rarest target_frac of the seen ids
+    src, tgt = ids[:n_src], [i for i in ids[n_src:] if i in rarest]
     norm = np.linalg.norm(c, axis=1, keepdims=True)
     u = np.divide(c, norm, out=np.zeros_like(c), where=norm > 0)
     sim = u[tgt] @ u[src].T
@@ -55,6 +56,25 @@ def test_matches_dense_reference(tmp_path, monkeypatch, chunk_cells):
     assert clear_best.sum() >= len(tgt) // 2
     np.testing.assert_array_equal(dom.neighbors[clear_best], nb[clear_best])
     assert set(dom.neighbors[dom.scores > 0].tolist()) <= set(src.tolist())
+
+
+@pytest.mark.parametrize("target_frac", [0.5, 0.3])
+def test_target_frac_keeps_only_the_rarest_ids_as_targets(tmp_path, target_frac):
+    feats = {"user": (9, False), "movie": (30, False), "genre": (5, True)}
+    recs = helpers.random_records(np.random.default_rng(1), feats, 120)
+    ds = helpers.write_dataset(tmp_path / "ds", feats, recs)
+    compute_stats(ds, top_k=12)
+    dom = sel.selective_target_domain(ds, "movie", target_frac=target_frac)
+    src, tgt, scores, eta, nb, _ = reference_domain(feats, recs, "movie", 12, target_frac=target_frac)
+    full = sel.selective_target_domain(ds, "movie")
+    np.testing.assert_array_equal(dom.source_ids, src)               # the source does not change
+    np.testing.assert_array_equal(dom.target_ids, tgt)
+    assert 0 < len(tgt) < len(full.target_ids)
+    np.testing.assert_allclose(dom.scores, scores, atol=1e-6)
+    assert dom.eta == pytest.approx(eta, abs=1e-6)                    # eta: the quantile over the kept targets
+    counts = helpers.brute_force(feats, recs, 12)[0]["movie"]
+    dropped = sorted(set(full.target_ids.tolist()) - set(tgt.tolist()))
+    assert min(counts[i] for i in dropped) >= max(counts[i] for i in tgt)   # the more frequent ones left
 
 
 def test_save_load_roundtrip(tmp_path):

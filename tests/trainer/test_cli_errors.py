@@ -37,6 +37,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     ("--train.log_every=0", "train.log_every: must be >= 1, got 0"),
     ("--train.epochs=0", "train.epochs: must be >= 1, got 0"),
     ("--transfer.source_frac=1.5", "transfer.source_frac: must be > 0 and <= 1"),
+    ("--transfer.target_frac=0", "transfer.target_frac: must be > 0 and <= 1"),
     ("--metrics.base_port=70000", "metrics.base_port: must be >= 1 and <= 65535"),
 ])
 def test_bad_values_exit_2_naming_the_field_and_the_override(capsys, tmp_path, override, message):

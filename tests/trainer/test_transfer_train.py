@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -114,6 +115,27 @@ def test_prepare_config_switches_lexico_per_transfer_table():
     assert plus.embedding.for_table("movie_id")[2].lexico is False
     base = Config()
     assert table_feature_names(base, "movie_id") == ["movie_id"]
+
+
+def test_target_frac_reaches_the_target_mask(tiny_ml):
+    """transfer.target_frac=0.5: the rows pulled are only ids in the rarest half; the torso is left alone."""
+    from data.stats import load_counts
+    from trainer.transfer_wiring import build_domains
+
+    counts = load_counts(tiny_ml)["movie_id"]
+    n = len(counts)
+    doms = {}
+    for frac in (1.0, 0.5):
+        cfg = Config()
+        # lexico: all of T (both's T'_eta re-draws eta over the smaller T, so its kept set is no subset)
+        cfg.data.path, cfg.transfer.mode, cfg.transfer.features = str(tiny_ml), "lexico", ["movie_id"]
+        cfg.transfer.target_frac = frac
+        doms[frac] = build_domains(cfg, {"movie_id": 16}, {"movie_id": n})["movie_id"]
+    full, half = doms[1.0].in_target, doms[0.5].in_target
+    assert half.sum() > 0 and (half & ~full).sum() == 0 and half.sum() < full.sum()
+    seen = np.sort(counts[counts > 0])
+    assert counts[half.numpy()].max() <= seen[int(np.floor(0.5 * len(seen))) - 1]   # the rarest half
+    assert torch.equal(doms[0.5].is_source, doms[1.0].is_source)
 
 
 def test_planted_groups_map_raw_ids_through_the_vocabulary(tiny_ml):
