@@ -251,29 +251,39 @@ def markdown_tables(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_head(title: str, command: str, notes: str, names: list[str], runs: dict) -> list[str]:
+    """A report's first lines (title, command, notes, how many runs finished); shared with compare."""
+    missing = [n for n in names if n not in runs]
+    text = [f"# {title}", "", "Command (from the repository root):", "", "```", command, "```", ""]
+    if notes:
+        text += [notes.strip(), ""]
+    return text + [f"{len(names) - len(missing)} of {len(names)} runs finished"
+                   + (f"; missing: {', '.join(missing)}" if missing else "") + ".", ""]
+
+
+def save_report(out: Path, text: list[str], rows: list[dict]) -> Path:
+    """README.md from ``text`` and summary.json from ``rows`` (without their per-epoch history)."""
+    (out / "summary.json").write_text(compact_json([{k: v for k, v in r.items() if k != "history"} for r in rows])
+                                      + "\n")
+    readme = out / "README.md"
+    readme.write_text("\n".join(text))
+    return readme
+
+
 def write_report(out: Path, combos: list[Combo], title: str, command: str, notes: str = "") -> Path:
     from trainer.experiments import plots
 
     runs = load_runs(out)
     rows = summarize(combos, runs)
-    missing = [c.name for c in combos if c.name not in runs]
     pngs = plots.make_all(out, rows)
-    text = [f"# {title}", "", "Command (from the repository root):", "", "```", command, "```", ""]
-    if notes:
-        text += [notes.strip(), ""]
-    text += [f"{len(combos) - len(missing)} of {len(combos)} runs finished"
-             + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "",
-             "Numbers: global test AUC / log loss at the evaluation with the best validation AUC; buckets by "
+    text = report_head(title, command, notes, [c.name for c in combos], runs)
+    text += ["Numbers: global test AUC / log loss at the evaluation with the best validation AUC; buckets by "
              "the training frequency of `data.bucket_feature` (head = top 20% of ids, tail = rarest); "
              "ms/step = training wall time / steps on this machine's shared CPU (noisy).", "",
              markdown_tables(rows)]
     for p in pngs:
         text += [f"![{p.stem}]({p.name})", ""]
-    (out / "summary.json").write_text(compact_json([{k: v for k, v in g.items() if k != "history"} for g in rows])
-                                      + "\n")
-    readme = out / "README.md"
-    readme.write_text("\n".join(text))
-    return readme
+    return save_report(out, text, rows)
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.diagnostics import SETS_SUFFIX
-from trainer.experiments.ablate import fmt_ms, mean_std, run_grid
+from trainer.experiments.ablate import fmt_ms, load_runs, mean_std, report_head, run_grid, save_report
 from trainer.results import compact_json
 
 BUCKETS = ("all", "head", "torso", "tail")
@@ -204,28 +204,15 @@ def slim_results(out: Path, tables: list[str]) -> int:
     return n
 
 
-def load_runs(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/results.json"))}
-
-
 def write_report(out: Path, variants: list[Variant], tables: list[str], title: str, command: str,
                  notes: str = "") -> Path:
     runs = load_runs(out)
     rows = collect(variants, runs, tables)
-    missing = [v.name for v in variants if v.name not in runs]
     png = plot(rows, tables, out / "compare.png")
-    text = [f"# {title}", "", "Command (from the repository root):", "", "```", command, "```", ""]
-    if notes:
-        text += [notes.strip(), ""]
-    text += [f"{len(variants) - len(missing)} of {len(variants)} runs finished"
-             + (f"; missing: {', '.join(missing)}" if missing else "") + ".", "", markdown(rows, tables)]
+    text = report_head(title, command, notes, [v.name for v in variants], runs) + [markdown(rows, tables)]
     if png:
         text += [f"![valid AUC and information abundance per epoch]({png.name})", ""]
-    (out / "summary.json").write_text(compact_json([{k: v for k, v in r.items() if k != "history"} for r in rows])
-                                      + "\n")
-    readme = out / "README.md"
-    readme.write_text("\n".join(text))
-    return readme
+    return save_report(out, text, rows)
 
 
 # ------------------------------------------------------------------------------ CLI
