@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -222,6 +223,21 @@ def file_checksums(paths: list[Path]) -> dict[str, str]:
     for p in paths:
         out[p.name] = sha256_file(p)
     return out
+
+
+def merge_task_results(results, rejected: dict, stats) -> dict[str, SplitInfo]:
+    """The workers' write results of a vectorised conversion: their split counts summed (files in task
+    order), their rejects added into ``rejected`` ({file: Counter}) and their block stats into ``stats``."""
+    splits = {s: SplitInfo(0, 0, []) for s in ("train", "valid", "test")}
+    for r in results:
+        for s, info in r.splits.items():
+            splits[s].rows += info.rows
+            splits[s].positives += info.positives
+            splits[s].files += info.files
+        for f, c in r.rejects.items():
+            rejected.setdefault(f, Counter()).update(c)
+        stats.add(r.stats)
+    return splits
 
 
 def check_rows_left(files: list[Path], accepted: dict, rejected: dict) -> None:

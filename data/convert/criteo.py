@@ -32,11 +32,11 @@ import numpy as np
 from data.convert.blocks import plan_tasks
 from data.convert.columns import hex_text
 from data.convert.common import (CriteoOptions, OptionsError, Vocab, check_rows_left, file_checksums, finish,
-                                 row_uniform, split_key, split_of)
+                                 merge_task_results, row_uniform, split_key, split_of)
 from data.convert.criteo_format import DENSE, SPARSE, parse_line, resolve_inputs
 from data.convert.criteo_vec import BlockStats, ValueCounts, count_task, save_keys, write_task
 from data.convert.parallel import Pool
-from data.manifest import SparseFeature, SplitInfo
+from data.manifest import SparseFeature
 from data.readers import RowError, RowSink, iter_lines, merge_rejects
 from data.writer import OOV_VALUE, DatasetWriter, StagedOutput, add_empty_files, arrow_schema, write_vocab
 
@@ -108,18 +108,11 @@ def _convert_vector(files: list[Path], out: Path, opts: CriteoOptions):
                                         for t in tasks])
     if keys_dir is not None:
         shutil.rmtree(keys_dir)
-    splits = {s: SplitInfo(0, 0, []) for s in ("train", "valid", "test")}
     rejects: dict[str, Counter] = {}
+    splits = merge_task_results(results, rejects, stats)
     accepted: Counter = Counter()
     for r in results:
-        for s, info in r.splits.items():
-            splits[s].rows += info.rows
-            splits[s].positives += info.positives
-            splits[s].files += info.files
-        for f, c in r.rejects.items():
-            rejects.setdefault(f, Counter()).update(c)
         accepted.update(r.accepted)
-        stats.add(r.stats)
     merge_rejects(out, [out / r.reject_part for r in results if r.reject_part])
     check_rows_left(files, accepted, rejects)
     add_empty_files(out, schema, splits, opts.compression)

@@ -44,7 +44,7 @@ from data import history
 
 from data.convert.blocks import plan_tasks
 from data.convert.common import (MovieLensOptions, OptionsError, Vocab, check_rows_left, file_checksums, finish,
-                                 row_uniform, split_of)
+                                 merge_task_results, row_uniform, split_of)
 from data.convert.criteo_vec import BlockStats, ValueCounts
 from data.convert.movielens_format import (CSV_FILES, ML1M_FILES, MULTI_HOT, NAMES, PRESETS, RATINGS_HEADER,
                                            USER_FEATURES, check_header, detect_layout, parse_movie_csv,
@@ -52,7 +52,7 @@ from data.convert.movielens_format import (CSV_FILES, ML1M_FILES, MULTI_HOT, NAM
 from data.convert.movielens_vec import USER_SIDE, Lookup, count_task, write_task
 from data.convert.parallel import Pool
 from data.errors import DataError
-from data.manifest import SparseFeature, SplitInfo
+from data.manifest import SparseFeature
 from data.readers import RowError, RowSink, decode, iter_lines, merge_rejects
 from data.writer import DatasetWriter, StagedOutput, add_empty_files, arrow_schema, write_vocab
 
@@ -246,19 +246,12 @@ def _convert_vector(src: _Source, out: Path, side_sink: RowSink):
         schema = arrow_schema([], sparse)
         results = pool.map(write_task, [(t, opts, src.layout, src.width, lk, lo, n_buckets, src.features,
                                          str(out), schema) for t in tasks])
-    splits = {s: SplitInfo(0, 0, []) for s in ("train", "valid", "test")}
     rejected = {f: Counter(c) for f, c in side_sink.by_file.items()}
+    splits = merge_task_results(results, rejected, stats)
     for r in results:
-        for s, info in r.splits.items():
-            splits[s].rows += info.rows
-            splits[s].positives += info.positives
-            splits[s].files += info.files
-        for f, c in r.rejects.items():
-            rejected.setdefault(f, Counter()).update(c)
         src.dropped_neutral += r.info.dropped_neutral
         src.extra_rows += r.info.extra_rows
         src.extra_lines += r.info.extra_lines[:20 - len(src.extra_lines)]
-        stats.add(r.stats)
     merge_rejects(out, _reject_parts(out, side_sink, results))
     kept = sum(r.accepted for r in results) + src.dropped_neutral
     check_rows_left([src.ratings], {src.ratings.name: kept}, rejected)
