@@ -14,6 +14,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def keep_environ():
+    """In-process trainer runs set MASTER_ADDR/PORT for their 1-rank group; later subprocess tests must not
+    see them: the environment is restored after the test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_ml(tmp_path_factory) -> Path:
     """A tiny generated MovieLens-1M-format dataset, converted (train/valid/test + stats); built once."""

@@ -59,17 +59,10 @@ def test_train_split_smaller_than_a_batch_is_an_error(ds):
     assert len(ParquetLoader(root, "valid", 1024, drop_last=False, shuffle=False)) == 1   # evaluation pads
 
 
-def test_training_on_too_few_rows_exits_2(tiny_ml, tmp_path, capsys):
-    import os
-
+def test_training_on_too_few_rows_exits_2(tiny_ml, tmp_path, capsys, keep_environ):
     from tests.helpers import CONFIG
     from trainer.cli import main
-    saved = dict(os.environ)        # an in-process run sets MASTER_ADDR/PORT; later subprocess tests must not see them
-    try:
-        rc = main(["train", "--config", str(CONFIG), f"--run_dir={tmp_path / 'run'}", f"--data.path={tiny_ml}",
-                   "--data.batch_size=1000000"])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    rc = main(["train", "--config", str(CONFIG), f"--run_dir={tmp_path / 'run'}", f"--data.path={tiny_ml}",
+               "--data.batch_size=1000000"])
     err = capsys.readouterr().err
     assert rc == 2 and "nothing to train on" in err and "train" in err, err

@@ -14,15 +14,8 @@ from trainer import launch
 from trainer.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _keep_environ():
-    """In-process runs set MASTER_ADDR/PORT for their 1-rank group; later subprocess tests must not see them."""
-    import os
-
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+# in-process runs set MASTER_ADDR/PORT: restore the environment after each test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("keep_environ")
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:
