@@ -316,16 +316,11 @@ def _reconstruct(args, overrides: list[str]) -> list[str]:
     return a + list(overrides)
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("ablate", help="run a grid of transfer modes x optimizers x models x seeds; "
-                                             "write a Markdown report with plots")
+def add_grid_args(p) -> None:
+    """The options of a grid of runs with a report (ablate and compare)."""
     p.add_argument("--config", required=True)
     p.add_argument("--data", required=True, help="converted dataset directory")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--optimizers", default="cfsgd", help="comma list; name[:lr]")
-    p.add_argument("--models", default="deepfm")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--lambdas", default="", help="fixed transfer weights for plus_t/select (grid)")
     p.add_argument("--out", required=True)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun)")
@@ -333,5 +328,15 @@ def register(subparsers) -> None:
     p.add_argument("--notes", default="", help="Markdown file inserted into the report")
     p.add_argument("--command-text", default="", help="command line to print in the report")
     p.add_argument("--report-only", action="store_true", help="only rebuild README.md from finished runs")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ablate", help="run a grid of transfer modes x optimizers x models x seeds; "
+                                             "write a Markdown report with plots")
+    add_grid_args(p)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--optimizers", default="cfsgd", help="comma list; name[:lr]")
+    p.add_argument("--models", default="deepfm")
+    p.add_argument("--lambdas", default="", help="fixed transfer weights for plus_t/select (grid)")
     p.add_argument("--keep-checkpoints", action="store_true")
     p.set_defaults(func=_ablate, takes_overrides=True)

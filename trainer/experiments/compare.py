@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from trainer.diagnostics import SETS_SUFFIX
-from trainer.experiments.ablate import fmt_ms, load_runs, mean_std, report_head, run_grid, save_report
+from trainer.experiments.ablate import (add_grid_args, fmt_ms, load_runs, mean_std, report_head, run_grid,
+                                        save_report)
 from trainer.results import compact_json
 
 BUCKETS = ("all", "head", "torso", "tail")
@@ -240,18 +241,9 @@ def _compare(args, overrides: list[str]) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("compare", help="named config variants x seeds against a control; Markdown report")
-    p.add_argument("--config", required=True)
-    p.add_argument("--data", required=True, help="converted dataset directory")
+    add_grid_args(p)
     p.add_argument("--variant", action="append", required=True, help="'label: --a.b=c ...'; the first is the control")
-    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tables", default="", help="tables whose information abundance the report shows")
-    p.add_argument("--out", required=True)
-    p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun)")
-    p.add_argument("--title", default="")
-    p.add_argument("--notes", default="", help="Markdown file inserted into the report")
-    p.add_argument("--command-text", default="", help="command line to print in the report")
-    p.add_argument("--report-only", action="store_true", help="only rebuild README.md from finished runs")
     p.add_argument("--slim", action="store_true",
                    help="keep singular values in the runs' results.json only for --tables (abundance is kept)")
     p.set_defaults(func=_compare, takes_overrides=True)
