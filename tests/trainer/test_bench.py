@@ -75,3 +75,11 @@ def test_bench_train_variant_mode_times_each_variant_against_the_control(tiny_ml
 def test_bench_train_variant_mode_needs_config_and_data(capsys):
     assert bench.main(["--variant", "a: --x.y=1"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+def test_bench_train_runs_on_the_device_it_is_given(tmp_path):
+    a = bench._args(["--device", "cuda", "--batch", "8"])
+    cmd = bench.trainer_command("deepfm", 1, "cfsgd", tmp_path, tmp_path / "r", tmp_path / "o", a)
+    assert "--train.device=cuda" in cmd and "--train.device=cpu" not in cmd
+    assert "--train.device=cpu" in bench.trainer_command("deepfm", 1, "cfsgd", tmp_path, tmp_path / "r",
+                                                          tmp_path / "o", bench._args([]))

@@ -76,11 +76,13 @@ def test_known_benign_library_warnings_are_hidden_unless_debug(capsys):
         warnings.filterwarnings("default")
         logs._hide_known_benign()
         warnings.warn("HeuristicalStorageReservation is known to cause issues", FutureWarning)
+        warnings.warn("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning)
         warnings.warn("something new", FutureWarning)
     logging.getLogger("torchrec.distributed.planner.storage_reservations").warning(
         "There is a known issue with TorchRec's dense tensor size")
     err = capsys.readouterr().err
     assert "something new" in err and "HeuristicalStorageReservation" not in err and "dense tensor" not in err
+    assert "ShardedTensor" not in err
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):

@@ -117,6 +117,12 @@ def test_prepare_config_switches_lexico_per_transfer_table():
     assert table_feature_names(base, "movie_id") == ["movie_id"]
 
 
+def test_transfer_defaults_are_the_measured_ones():
+    """reports/quality: lexico_weight 0.3 (1 cost 0.14 AUC on the demo world), every target (target_frac 1)."""
+    t = Config().transfer
+    assert (t.lexico_weight, t.target_frac, t.loss, t.anchor_count_scale) == (0.3, 1.0, "neighbor", 5.0)
+
+
 def test_target_frac_reaches_the_target_mask(tiny_ml):
     """transfer.target_frac=0.5: the rows pulled are only ids in the rarest half; the torso is left alone."""
     from data.stats import load_counts
