@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 
 from data.errors import DataError
@@ -73,7 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _enable_faulthandler() -> None:
+    """A native abort (kernel, collective) then prints every thread's Python stack to stderr. Left
+    alone where a host (pytest) already set it up or stderr has no file descriptor."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _enable_faulthandler()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
