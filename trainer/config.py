@@ -11,7 +11,8 @@ from typing import ClassVar
 
 from models.config import ModelConfig
 from trainer.config_base import ConfigError
-from trainer.optim.names import COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES, UB_MODES, UB_ROWS
+from trainer.optim.names import (COUNTER_BYTES, COUNTER_FORMS, DEFAULT_LR, EMB_OPTIMIZERS, STEP_RULES, UB_MODES,
+                                 UB_ROWS)
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 TRANSFER_MODES = ("baseline", "plus_t", "select", "lexico", "both")
@@ -69,6 +70,7 @@ class EmbOptimConfig:
     ub_row_floor: bool = True          # table ub: a row's ub is at least its own mean_d(d^2) of the step
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
+    counter_bytes: int = 4             # cfsgd per-row counter: 4 float32 count | 2, 1 approximate counter (ALGORITHMS §1)
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
     lexico: bool = False
     lexico_alpha: float = 2.0          # phi_i = alpha * min(||g_i||^2, loss_main)
@@ -101,6 +103,13 @@ class EmbOptimConfig:
         _number(where, "horizon", self.horizon, 0)
         if self.counter_form == "paper" and self.name != "cfsgd":
             raise ConfigError(f"{where}.counter_form: 'paper' is our cfsgd kernel's form, not {self.name}'s")
+        _choice(where, "counter_bytes", self.counter_bytes, COUNTER_BYTES)
+        if self.counter_bytes != 4:
+            if self.name != "cfsgd":
+                raise ConfigError(f"{where}.counter_bytes: 2 or 1 is our cfsgd kernel's option, not {self.name}'s")
+            if self.counter_halflife >= 0:
+                raise ConfigError(f"{where}.counter_bytes={self.counter_bytes} counts plainly: it needs "
+                                  f"counter_halflife < 0, not {self.counter_halflife}")
         if self.lexico and self.name not in STEP_RULES:
             raise ConfigError(f"{where}.lexico: needs one of our kernels {list(STEP_RULES)}, not {self.name}")
 

@@ -5,6 +5,7 @@ Model selection happens on ``valid``; the reported numbers are ``test`` at the b
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ from models import build_model
 from models.layout import base_feature
 from trainer import config_base
 from trainer.checkpoint import Checkpointer
-from trainer.config import Config
+from trainer.config import Config, EmbeddingConfig
 from trainer.config_base import ConfigError
 from trainer.errors import RunError, TrainingDiverged
 from trainer.health import Heartbeat
@@ -229,8 +230,25 @@ class Trainer:
                 f"--checkpoint.resume=false (replaces its checkpoints) or a new --run_dir; to train longer "
                 f"raise --train.epochs / --train.max_steps.")
 
+    def _check_counter_widths(self, path: Path | None) -> None:
+        """A CF-SGD counter saved as a float32 count cannot be read as an approximate counter's level (or
+        back): DCP would copy the numbers across dtypes, silently wrong. Refuse before anything loads."""
+        path = path or self.checkpointer.latest()
+        try:
+            saved = json.loads((path / "trainer_state.json").read_text())["config"]["embedding"]
+            saved_emb = config_base.from_dict(EmbeddingConfig, saved, "checkpoint config.embedding")
+        except (OSError, KeyError, TypeError, ValueError, ConfigError):
+            return   # unreadable: the load itself reports it (or falls back to an older checkpoint)
+        for t in self.tables:
+            was, now = saved_emb.for_table(t.name)[2], self.cfg.embedding.for_table(t.name)[2]
+            if was.name == now.name == "cfsgd" and was.counter_bytes != now.counter_bytes:
+                raise RunError(f"checkpoint {path} trained table {t.name} with embedding counter_bytes="
+                               f"{was.counter_bytes}, this run asks for {now.counter_bytes}: the counters do not "
+                               f"convert. Resume with the same counter_bytes, or start a new --run_dir.")
+
     def load_checkpoint(self, path: Path | None = None) -> Path:
         """Load ``path``, or (None) the newest usable checkpoint; returns the path loaded."""
+        self._check_counter_widths(path)
         self.optimizer.init_state()  # materialise Adam state so DCP can load into it
         st = self._app_state()
         if path is None:

@@ -12,6 +12,27 @@ def ref_counter(c, last, step, hl):
     return 1.0 + 2.0 ** (-delta / hl) * c, step
 
 
+def ref_counter_hash(row, step):
+    """The compact counter's coin (docs/ALGORITHMS.md §1): a 32-bit hash of (table-global row, step)."""
+    m = 0xFFFFFFFF
+    x = ((row & m) * 0x27D4EB2D + (step & m)) & m
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x2C1B3C6D) & m
+    return x ^ (x >> 16)
+
+
+def ref_compact_counter(level, row, step, counter_bytes):
+    """Morris's approximate counter with base b = 2^(1/R): raise the level k with probability b^-k (the coin
+    u = (hash >> 8) / 2^24 below b^-k, up to the largest level); the estimated count is (b^k - 1)/(b - 1)."""
+    kmax, r = {2: (32767, 1024), 1: (255, 8)}[counter_bytes]
+    u = (ref_counter_hash(row, step) >> 8) / 2.0 ** 24
+    if level < kmax and u < 2.0 ** (-level / r):
+        level += 1
+    return level, (2.0 ** (level / r) - 1.0) / (2.0 ** (1.0 / r) - 1.0)
+
+
 def ref_lexico_row(g, h, has_h, loss, alpha, lmax, h_clip, apply_to_all):
     """Returns (direction list, lambda) for one row."""
     gg = sum(x * x for x in g)
@@ -40,9 +61,10 @@ def ref_direction(cfg, g_i, h_i, has_h_i, loss):
     return [a + (h_i[k] if h_i is not None else 0.0) for k, a in enumerate(g_i)], None
 
 
-def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None, table=None):
+def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None, table=None, rows=None):
     """Per-row loop over the rows of one table. st: dict of python lists; table: dict with the table's
-    ub_sum / ub_count (ub_mode="table"), updated in place. Returns new w (list of lists), st, lams."""
+    ub_sum / ub_count (ub_mode="table"), updated in place; rows: the rows' indices in the whole table
+    (compact counters hash them). Returns new w (list of lists), st, lams."""
     n = len(w)
     dirs = [ref_direction(cfg, g[i], h[i] if h is not None else None, has_h[i] if has_h is not None else False,
                           loss) for i in range(n)]
@@ -69,11 +91,14 @@ def ref_step(cfg, w, g, st, step, h=None, has_h=None, loss=None, table=None):
             st["adagrad_sum"][i] += sum(x * x for x in d) / len(d)
             eta = cfg.lr / (math.sqrt(st["adagrad_sum"][i]) + cfg.eps)
         else:
-            last = st["last_step"][i] if "last_step" in st else 0
-            c, last = ref_counter(st["counter"][i], last, step, cfg.counter_halflife)
-            st["counter"][i] = c
-            if "last_step" in st:
-                st["last_step"][i] = last
+            if getattr(cfg, "counter_bytes", 4) != 4:
+                st["counter"][i], c = ref_compact_counter(int(st["counter"][i]), rows[i], step, cfg.counter_bytes)
+            else:
+                last = st["last_step"][i] if "last_step" in st else 0
+                c, last = ref_counter(st["counter"][i], last, step, cfg.counter_halflife)
+                st["counter"][i] = c
+                if "last_step" in st:
+                    st["last_step"][i] = last
             if cfg.counter_form == "paper" and cfg.horizon > 0:
                 # Li et al. 2021, literally: eta_k = min(eta_max, alpha / sqrt(T p_hat_k)), p_hat_k = c_k / t,
                 # with alpha = lr / sqrt(ub) (no eps: 1e-8 is far below the tolerance)

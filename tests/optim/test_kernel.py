@@ -81,7 +81,7 @@ def reference_step(W, state, cfg, batch, step, pooling, tables=None):
         # the paper-formula loops of tests/optim/reference.py: neither rules.py nor the kernel is involved
         new_w, sub, lams = ref_step(cfg, W[t][rows].double().tolist(), g[rows].tolist(), sub, step,
                                     h[rows].tolist(), touched_h[rows].tolist(), float(main.detach()),
-                                    table=None if tables is None else tables[t])
+                                    table=None if tables is None else tables[t], rows=r)
         if r:
             W[t][rows] = torch.tensor(new_w, dtype=W[t].dtype)
             for n, v in sub.items():
@@ -107,6 +107,11 @@ CONFIGS = {
                                            counter_halflife=3.0),
     "cfsgd_table_ub_paper_lexico": RuleConfig(lr=0.05, ub_mode="table", counter_form="paper", horizon=6,
                                               counter_halflife=3.0, lexico=True),
+    # compact counters (2-byte and 1-byte approximate counters) on the default form, and with lexico
+    "cfsgd_counter2_default": RuleConfig(lr=0.05, ub_mode="table", ub_rows="geometric", ub_row_floor=True,
+                                         counter_bytes=2),
+    "cfsgd_counter1_lexico_paper": RuleConfig(lr=0.1, counter_bytes=1, lexico=True, counter_form="paper",
+                                              horizon=6),
 }
 
 

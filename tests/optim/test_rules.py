@@ -269,3 +269,52 @@ def test_rule_config_from_emb_optim_config():
     hash(rc)  # must be hashable (TorchRec groups tables by fused_params)
     with pytest.raises(ValueError):
         rules.rule_config_from(EmbOptimConfig(name="exact_sgd"))
+
+
+# ---------------------------------------------------------------- compact (approximate) counters
+def test_counter_hash_is_the_documented_hash():
+    from tests.optim.reference import ref_counter_hash
+
+    rows = torch.tensor([0, 1, 7, 123456, 2**32 - 1, 2**32 + 5, 2**40 + 3])
+    for step in (1, 2, 1000, 2**31 + 7):
+        got = rules.counter_hash(rows, step).tolist()
+        assert got == [ref_counter_hash(int(r), step) for r in rows.tolist()]
+
+
+@pytest.mark.parametrize("counter_bytes,rel_std", [(2, 0.018), (1, 0.21)])
+def test_compact_counter_is_unbiased_with_the_stated_spread(counter_bytes, rel_std):
+    """E[n(k)] = the true count (Morris); relative std ~ sqrt((b - 1) / 2), as documented."""
+    cfg = RuleConfig(counter_bytes=counter_bytes)
+    rows, level = torch.arange(20000), rules.init_state(cfg, 20000)["counter"]
+    for step in range(1, 301):
+        level, c = rules.update_compact_counter(cfg, level, rows, step)
+    assert level.dtype == {2: torch.int16, 1: torch.uint8}[counter_bytes]
+    assert float(c.mean()) / 300 == pytest.approx(1.0, abs=5 * rel_std / math.sqrt(20000))
+    assert float(c.std() / c.mean()) == pytest.approx(rel_std, rel=0.15)
+
+
+def test_compact_counter_levels_decode_and_saturate():
+    for nbytes, (kmax, r) in rules.COUNTER_LEVELS.items():
+        count, thr = rules.counter_tables(nbytes)
+        k = torch.arange(kmax + 1, dtype=torch.float64)
+        want = (2.0 ** (k / r) - 1) / (2.0 ** (1 / r) - 1)
+        torch.testing.assert_close(count.double(), want, rtol=1e-6, atol=0)
+        assert int(thr[0]) == 2**24 and int(thr[-1]) == 0       # level 0 always rises; the top never does
+        cfg = RuleConfig(counter_bytes=nbytes)
+        top = torch.full((50,), kmax, dtype=rules.state_dtype(cfg, "counter"))
+        lv, c = rules.update_compact_counter(cfg, top, torch.arange(50), 9)
+        assert torch.equal(lv, top) and torch.all(c == count[kmax])
+
+
+def test_compact_counter_state_bytes_and_validation():
+    assert RuleConfig(counter_bytes=2).state_bytes_per_row() == 2
+    assert RuleConfig(counter_bytes=1).state_bytes_per_row() == 1
+    assert RuleConfig(counter_bytes=1, adjustment_iter=3).state_bytes_per_row() == 5   # + the float32 Adagrad sum
+    assert RuleConfig().state_bytes_per_row() == 4
+    with pytest.raises(ValueError, match="counter_bytes 3"):
+        RuleConfig(counter_bytes=3)
+    with pytest.raises(ValueError, match="counter_halflife < 0"):
+        RuleConfig(counter_bytes=2, counter_halflife=4.0)
+    with pytest.raises(ValueError, match="row_ids"):
+        cfg = RuleConfig(counter_bytes=1)
+        rules.apply_step(cfg, torch.zeros(2, 3), torch.ones(2, 3), rules.init_state(cfg, 2), 1)

@@ -174,7 +174,8 @@ def _ref_table_ub(rc, w, g, st, step, shards, tstate, h=None, has_h=None, loss=N
         new_w, sub, _ = ref_step(rc, [w[i][c0:c0 + nc] for i in rows], [g[i][c0:c0 + nc] for i in rows], sub, step,
                                  None if h is None else [h[i][c0:c0 + nc] for i in rows],
                                  None if has_h is None else [has_h[i] for i in rows], loss,
-                                 table=tstate.setdefault(k, {"ub_sum": 0.0, "ub_count": 0}))
+                                 table=tstate.setdefault(k, {"ub_sum": 0.0, "ub_count": 0}),
+                                 rows=[st["_row"][i] for i in rows])
         for j, i in enumerate(rows):
             w[i][c0:c0 + nc] = new_w[j]
             if c0 == 0:   # every column shard keeps the same counters; keep the first one's
@@ -207,7 +208,7 @@ def reference(tables, emb_cfg, W0, steps, world, weighted, seed, coef, start=0, 
                     sub.pop("_row")
                 else:
                     new_w, sub, _ = ref_step(rc, W[n][rows].tolist(), g[rows].tolist(), sub, s + 1, h[rows].tolist(),
-                                             touched_h[n][rows].tolist(), loss)
+                                             touched_h[n][rows].tolist(), loss, rows=rows.tolist())
                 if rows.numel():
                     W[n][rows] = torch.tensor(new_w, dtype=W[n].dtype)
                     for k, v in sub.items():
@@ -243,27 +244,40 @@ def main_tables():
 
 
 def run_ours(sharding: str) -> Dict[str, float]:
-    """Our kernel (3 tables, 3 rule variants) + one FBGEMM table side by side."""
+    """Our kernel (3 tables, 3 rule variants) + one FBGEMM table side by side. t0 keeps a 1-byte approximate
+    counter (its coin hashes the table-global row: row shards must agree with the unsharded replay), t2 under
+    column_wise a 2-byte one (both column shards must draw the same coins)."""
     tables = main_tables()
-    opts = {"t0": EmbOptimConfig(name="cfsgd", lr=0.2, adjustment_ub=2.0, counter_form="paper", horizon=6),
+    opts = {"t0": EmbOptimConfig(name="cfsgd", lr=0.2, adjustment_ub=2.0, counter_form="paper", horizon=6,
+                                 counter_bytes=1),
             "t1": EmbOptimConfig(name="cfsgd", lr=0.1, counter_halflife=2.0, adjustment_iter=2),
             # column_wise: t2's two column shards each keep their own ub estimate (ub_mode="table")
             "t2": EmbOptimConfig(name="rowwise_adagrad", lr=0.1) if sharding != "column_wise" else
-                  EmbOptimConfig(name="cfsgd", lr=0.1, ub_mode="table"),
+                  EmbOptimConfig(name="cfsgd", lr=0.1, ub_mode="table", counter_bytes=2),
             "t3": EmbOptimConfig(name="exact_sgd", lr=0.1),
             # our default rule (per-table ub; row shards under row_wise)
             "t4": EmbOptimConfig(name="cfsgd", lr=0.05, ub_mode="table", ub_rows="geometric", counter_halflife=3.0)}
     cfg = emb_config(opts, sharding)
+    # compact counters start at the level whose coin is fair (b^-k = 1/2): every touch is a real draw, so a
+    # wrong row or step in the hash shows (from level 0 the first raises are near-certain)
+    start_level = {"t0": 8} if sharding != "column_wise" else {"t0": 8, "t2": 1024}
     out = {}
     for weighted in (False, True):
         # column_wise: force t2 (dim 64) into 2 column shards of 32, one per rank
         res = build(tables, cfg, weighted, extra={"t2": {"min_partition": 32}} if sharding == "column_wise" else None)
+        for k in tailrec_kernels_of(res.dmp):
+            for t, tc in enumerate(k.config.embedding_tables):
+                if tc.name in start_level:
+                    k.emb_module.split_state("counter")[t].fill_(start_level[tc.name])
         W0 = weights_of(res.dmp, tables)
         train(res.dmp, tables, 4, weighted, seed=1, coef={})
         out["t2_shards"] = [(list(s.shard_offsets), str(s.placement))
                             for s in res.plan.plan["ebc"]["t2"].sharding_spec.shards]
         W1, C1 = weights_of(res.dmp, tables), opt_state_of(res.dmp, tables, "momentum1")
-        Wr, Sr = reference(tables, cfg, W0, 4, dist.get_world_size(), weighted, 1, {}, shards=plan_shards(res))
+        levels = {n: {"counter": torch.full((t.num_embeddings,), float(start_level[n]), dtype=torch.float64)}
+                  for t in tables for n in [t.name] if n in start_level}
+        Wr, Sr = reference(tables, cfg, W0, 4, dist.get_world_size(), weighted, 1, {}, shards=plan_shards(res),
+                           state=levels)
         out[f"w_err_weighted{int(weighted)}"] = max((W1[n].double() - Wr[n]).abs().max().item() for n in Wr)
         out[f"moved_weighted{int(weighted)}"] = max((W1[n] - W0[n]).abs().max().item() for n in Wr)
         first = {"t0": "counter", "t1": "counter", "t2": "adagrad_sum" if sharding != "column_wise" else "counter"}
@@ -365,7 +379,8 @@ def dcp_tables():
 
 def dcp_cfg():
     return emb_config({"k0": EmbOptimConfig(name="cfsgd", lr=0.1, counter_halflife=3.0),
-                       "k1": EmbOptimConfig(name="cfsgd", lr=0.1, lexico=True)}, "row_wise")
+                       # a 1-byte approximate counter: its uint8 levels go through DCP too
+                       "k1": EmbOptimConfig(name="cfsgd", lr=0.1, lexico=True, counter_bytes=1)}, "row_wise")
 
 
 def snapshot(dmp, tables) -> Dict[str, list]:

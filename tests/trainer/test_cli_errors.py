@@ -99,3 +99,12 @@ def test_relaunching_a_finished_run_says_so(tiny_ml, tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 5
     # the Docker HEALTHCHECK's heartbeat: written by the trainer, metrics off
     assert (tmp_path / "hb" / "tailrec-heartbeat-0").read_text().split()[1] in ("checkpoint", "evaluated")
+
+
+@pytest.mark.dist
+def test_resuming_with_another_counter_width_is_refused(tiny_ml, tmp_path):
+    opt = ("--embedding.optimizer.name=cfsgd", "--transfer.mode=baseline", "--train.epochs=1")
+    run_trainer(tmp_path / "run", tiny_ml, 1, *opt, "--train.max_steps=3")
+    proc = _train(tmp_path, tiny_ml, *opt, "--train.max_steps=5", "--embedding.optimizer.counter_bytes=1")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "counter_bytes=4, this run asks for 1" in proc.stderr and "new --run_dir" in proc.stderr, proc.stderr[-3000:]

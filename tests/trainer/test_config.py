@@ -88,3 +88,14 @@ def test_switching_the_optimizer_alone_gives_its_own_default_lr():
     cfg = load_config(str(REPO / "configs/movielens_deepfm.yaml"),
                       ["--embedding.optimizer.name=cfsgd", "--embedding.optimizer.lr=0.7"])
     assert cfg.embedding.optimizer.lr == 0.7
+
+
+def test_counter_bytes_is_checked():
+    from trainer.config import EmbOptimConfig
+
+    EmbOptimConfig(name="cfsgd", counter_bytes=1).validate("embedding.optimizer")
+    for kw, msg in ((dict(name="cfsgd", counter_bytes=3), "counter_bytes: 3 is not one of"),
+                    (dict(name="exact_rowwise_adagrad", counter_bytes=2), "our cfsgd kernel's option"),
+                    (dict(name="cfsgd", counter_bytes=2, counter_halflife=100.0), "counter_halflife < 0")):
+        with pytest.raises(ConfigError, match=msg):
+            EmbOptimConfig(**kw).validate("embedding.optimizer")

@@ -98,6 +98,7 @@ def test_dcp_save_then_load_in_new_process(tmp_path):
     assert a["at_ckpt"] == b["at_ckpt"]   # rows, counters, last_step, step restored exactly
     assert a["final"] == b["final"]       # and further steps identical (bit for bit)
     assert b["at_ckpt"]["step_k0"][0] == 3 and any(v > 0 for v in b["at_ckpt"]["momentum1_k0"])
+    assert any(v > 0 for v in b["at_ckpt"]["momentum1_k1"])   # k1's uint8 counter levels (counter_bytes=1)
     # cfsgd's default ub_mode="table": the per-shard running means (row_wise: one per rank) are restored too
     ub = b["at_ckpt"]["ub_state"]
     assert sorted(ub) == ["k0@0,0", "k0@25,0", "k1@0,0", "k1@15,0"], ub

@@ -156,7 +156,7 @@ class TailrecTBE(nn.Module):
 
     def __init__(self, rows: List[int], dims: List[int], feature_table_map: List[int],
                  feature_is_shadow: List[bool], cfg: RuleConfig, pooling: str = "sum",
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, row_base: Optional[List[int]] = None) -> None:
         super().__init__()
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling {pooling!r} not supported (sum | mean)")
@@ -170,6 +170,14 @@ class TailrecTBE(nn.Module):
         for name, t in rules.init_state(cfg, self.r_off[-1], device).items():
             self.register_buffer(name, t)
         self.register_buffer("step", torch.zeros(1, dtype=torch.int64, device=device))
+        # compact counters: each table's first row in the whole table (a row_wise shard's offset), so the
+        # counter's hash sees table-global rows under every sharding; and the level -> count / threshold
+        # tables (derived from the config: not state, not checkpointed)
+        self.row_base = list(row_base) if row_base is not None else [0] * len(rows)
+        ctabs = rules.counter_tables(cfg.counter_bytes, device) if cfg.compact_counter else (
+            torch.zeros(0, device=device), torch.zeros(0, dtype=torch.int32, device=device))
+        self.register_buffer("counter_count", ctabs[0], persistent=False)
+        self.register_buffer("counter_thr", ctabs[1], persistent=False)
         # per-table state of ub_mode="table": [table, (ub_sum, ub_count)], float64 (a sum over many steps)
         self.register_buffer("ub_stat", torch.zeros(len(rows) if cfg.table_ub else 0, 2, dtype=torch.float64,
                                                     device=device))
@@ -301,8 +309,14 @@ class TailrecTBE(nn.Module):
                 row_off=torch.tensor(self.r_off[:-1], **i64),
                 w_off=torch.tensor(self.w_off[:-1], **i64),
                 dim=torch.tensor(self.dims, **i64),
-                row_bounds=torch.tensor(self.r_off, **i64))
+                row_bounds=torch.tensor(self.r_off, **i64),
+                row_base=torch.tensor(self.row_base, **i64))
         return self._meta
+
+    def counter_estimate(self, keys: Tensor) -> Tensor:
+        """CF-SGD's count of the rows at these global keys (a compact counter's level decoded)."""
+        c = self.counter.index_select(0, keys)
+        return self.counter_count.index_select(0, c.long()) if self.cfg.compact_counter else c
 
     def _state(self) -> Dict[str, Tensor]:
         return {n: getattr(self, n) for n in self.cfg.state_names()}
@@ -320,13 +334,14 @@ class TailrecTBE(nn.Module):
             m.feat_table, m.feat_shadow, m.feat_col, m.row_off, m.w_off, m.dim, self._slot, self.weights,
             st.get("counter", empty), st.get("last_step", torch.empty(0, dtype=torch.int32)),
             st.get("adagrad_sum", empty), self.ub_stat, self.step, empty if loss is None else loss,
-            hf + [float(scale)], hi + [int(self.pooling == "mean")])
+            self.counter_count, self.counter_thr, m.row_base, hf + [float(scale)], hi + [int(self.pooling == "mean")])
 
     def _update_triton(self, seg: Segments, grad: Tensor, loss: Optional[Tensor], scale: float
                        ) -> Tuple[Tensor, Tensor, Tensor]:
         m = self._meta_tensors()
         return _triton(required=True).update(seg, grad, m, max(self.dims), self.weights, self._state(), self.ub_stat,
-                                             self.step, loss, scale, self.cfg, self.any_shadow)
+                                             self.step, loss, scale, self.cfg, self.any_shadow,
+                                             counter_tabs=(self.counter_count, self.counter_thr))
 
     def _update_torch(self, seg: Segments, grad: Tensor, loss: Optional[Tensor], scale: float
                       ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -373,7 +388,8 @@ class TailrecTBE(nn.Module):
             res = rules.apply_step(self.cfg, self.weights[waddr], g[u, :D], state, self.step[0],
                                    h=h[u, :D] if self.any_shadow else None,
                                    has_h=(n_sh[u] > 0) if self.any_shadow else None, loss=loss_v,
-                                   table_state=table or None)
+                                   table_state=table or None, row_ids=rows - self.r_off[t] + self.row_base[t],
+                                   counter_tabs=(self.counter_count, self.counter_thr))
             self.weights[waddr] = res.rows
             for k, v in res.state.items():
                 getattr(self, k).index_copy_(0, rows, v)

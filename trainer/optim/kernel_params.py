@@ -14,7 +14,7 @@ from trainer.optim.rules import RuleConfig
 
 SCALARS = ("lr", "eps", "halflife", "ub", "horizon", "lr_max", "alpha", "lam_max", "h_clip", "adj_iter")
 SWITCHES = ("ADAGRAD", "HL_MODE", "PAPER", "HAS_LR_MAX", "WARMUP", "LEXICO", "HAS_LAM_MAX", "H_CLIP", "APPLY_ALL",
-            "TABLE_UB", "UB_GEOMETRIC", "UB_ROW_FLOOR")
+            "TABLE_UB", "UB_GEOMETRIC", "UB_ROW_FLOOR", "COUNTER_BYTES")
 
 
 def launch_params(cfg: RuleConfig) -> Tuple[Dict[str, float], Dict[str, int]]:
@@ -38,6 +38,7 @@ def launch_params(cfg: RuleConfig) -> Tuple[Dict[str, float], Dict[str, int]]:
         TABLE_UB=int(cfg.table_ub),       # ub = adjustment_ub x the table's running mean of mean_d(d^2)
         UB_GEOMETRIC=int(cfg.table_ub and cfg.ub_rows == "geometric"),   # x_t: geometric mean over the rows
         UB_ROW_FLOOR=int(cfg.table_ub and cfg.ub_row_floor),              # per row: ub >= its own mean_d(d^2)
+        COUNTER_BYTES=cfg.counter_bytes if cfg.compact_counter else 4,    # 2 / 1: approximate counter level
     )
     assert tuple(scalars) == SCALARS and tuple(switches) == SWITCHES
     return scalars, switches

@@ -10,6 +10,12 @@ Rules (docs/ALGORITHMS.md §1-3):
 * Counter (FBGEMM ``rowwise_adagrad_with_counter`` rule, once per step per unique row):
   halflife < 0: c += 1;  == 0: c = 1;  > 0: c = 1 + 2^(-delta/halflife) * c with
   delta = step - last_step (delta = 1 on first touch, last_step == 0).
+* Compact counters (``counter_bytes`` 2 or 1, plain counting only): the row keeps a level k (int16 / uint8)
+  of an approximate counter (Morris 1978) instead of a float32 count. Estimated count n(k) = (b^k - 1)/(b - 1)
+  with b = 2^(1/R), R = 1024 (2 bytes: relative std ~1.8%, range ~6e12) or 8 (1 byte: ~21%, ~4e10); a touch
+  raises k by one with probability b^-k, decided by a uniform u = counter_uniform(row, step), a fixed hash of
+  the table-global row and the step (the same under every sharding, reproducible in every backend), so
+  E[n(k)] is the exact count. c = n(k) then enters the step size as the count does.
 * CF-SGD step size, two forms (``counter_form``):
   - "fbgemm": eta = min(lr_max, lr / (sqrt(ub * c) + eps)), FBGEMM's COUNTER_SGD (the ``+ eps``
     placement is FBGEMM's, kept so our kernel matches it step for step, tested). With c ~ p t it
@@ -38,8 +44,8 @@ Rules (docs/ALGORITHMS.md §1-3):
 * Item-wise lexico (harmless-transfer Algorithm 1), see `lexico_direction`.
 * Composition: e <- e - eta * d with d = h + lambda * g (or g when lexico is off).
 
-State bytes per row (fp32/int32): cfsgd 4 (counter) [+4 last_step when halflife > 0]
-[+4 Adagrad sum when warm-up]; rowwise_adagrad 4 (sum). FBGEMM COUNTER_SGD keeps 12.
+State bytes per row: cfsgd 4 (float32 counter; 2 or 1 with ``counter_bytes``) [+4 last_step when
+halflife > 0] [+4 Adagrad sum when warm-up]; rowwise_adagrad 4 (sum). FBGEMM COUNTER_SGD keeps 12.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from trainer.optim.names import COUNTER_FORMS, STEP_RULES, UB_MODES, UB_ROWS
+from trainer.optim.names import COUNTER_BYTES, COUNTER_FORMS, STEP_RULES, UB_MODES, UB_ROWS
 
 # Only guards the division when ||g||^2 underflows; rows with g == 0 are handled explicitly,
 # so for every other row lambda is exact and the barrier constraint holds.
@@ -81,6 +87,7 @@ class RuleConfig:
     ub_mode: str = "fixed"            # "fixed": adjustment_ub | "table": adjustment_ub x the table's mean d^2
     ub_rows: str = "arithmetic"       # how a step's rows are averaged into x_t: arithmetic | geometric
     ub_row_floor: bool = False        # per row: ub >= the row's own mean_d(d^2) of this step
+    counter_bytes: int = 4            # 4: float32 count | 2, 1: approximate (Morris) counter level
     shadow_suffix: str = "__shadow"
 
     def __post_init__(self) -> None:
@@ -96,6 +103,14 @@ class RuleConfig:
             raise ValueError(f"ub_mode {self.ub_mode!r} not in {UB_MODES}")
         if self.ub_rows not in UB_ROWS:
             raise ValueError(f"ub_rows {self.ub_rows!r} not in {UB_ROWS}")
+        if self.counter_bytes not in COUNTER_BYTES:
+            raise ValueError(f"counter_bytes {self.counter_bytes!r} not in {COUNTER_BYTES}")
+        if self.compact_counter and self.counter_halflife >= 0:
+            raise ValueError("counter_bytes 2 or 1 counts plainly: it needs counter_halflife < 0")
+
+    @property
+    def compact_counter(self) -> bool:
+        return self.step_rule == "cfsgd" and self.counter_bytes != 4
 
     @property
     def warmup(self) -> bool:
@@ -114,7 +129,7 @@ class RuleConfig:
         return names
 
     def state_bytes_per_row(self) -> int:
-        return 4 * len(self.state_names())
+        return sum(torch.empty(0, dtype=state_dtype(self, n)).element_size() for n in self.state_names())
 
     @property
     def table_ub(self) -> bool:
@@ -140,6 +155,7 @@ def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
         lexico_lambda_max=float(cfg.lexico_lambda_max), lexico_h_clip=float(cfg.lexico_h_clip),
         ub_mode=str(getattr(cfg, "ub_mode", "fixed")), ub_rows=str(getattr(cfg, "ub_rows", "arithmetic")),
         ub_row_floor=bool(getattr(cfg, "ub_row_floor", False)),
+        counter_bytes=int(getattr(cfg, "counter_bytes", 4)),
     )
     if hasattr(cfg, "lexico_apply_to_all"):
         kw["lexico_apply_to_all"] = bool(cfg.lexico_apply_to_all)
@@ -147,9 +163,53 @@ def rule_config_from(cfg: Any, **overrides: Any) -> RuleConfig:
     return RuleConfig(**kw)
 
 
+def state_dtype(cfg: RuleConfig, name: str) -> torch.dtype:
+    if name == "counter":
+        return {4: torch.float32, 2: torch.int16, 1: torch.uint8}[cfg.counter_bytes]
+    return {"last_step": torch.int32, "adagrad_sum": torch.float32}[name]
+
+
 def init_state(cfg: RuleConfig, num_rows: int, device: Optional[torch.device] = None) -> Dict[str, Tensor]:
-    dtypes = {"counter": torch.float32, "last_step": torch.int32, "adagrad_sum": torch.float32}
-    return {n: torch.zeros(num_rows, dtype=dtypes[n], device=device) for n in cfg.state_names()}
+    return {n: torch.zeros(num_rows, dtype=state_dtype(cfg, n), device=device) for n in cfg.state_names()}
+
+
+# ------------------------------------------------------------------ compact (approximate) counters
+# levels per counter width (the dtype's largest value) and R of the base b = 2^(1/R)
+COUNTER_LEVELS = {2: (32767, 1024), 1: (255, 8)}
+_M32 = 0xFFFFFFFF
+
+
+def counter_hash(row: Tensor, step: Tensor | int) -> Tensor:
+    """32-bit hash of (table-global row, step) as int64 in [0, 2^32). Every product stays below 2^63
+    (multipliers < 2^31 on 32-bit values), so int64 tensors, C++ uint32 and Triton compute the same bits."""
+    x = ((row & _M32) * 0x27D4EB2D + (torch.as_tensor(step, dtype=torch.int64, device=row.device) & _M32)) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def counter_tables(counter_bytes: int, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
+    """(count, threshold) per level k: n(k) = (b^k - 1)/(b - 1) as float32, and the integer threshold
+    ceil(2^24 b^-k): a touch raises k iff (counter_hash >> 8) < threshold[k], i.e. u < b^-k with
+    u = (hash >> 8) / 2^24. Computed in float64 once; the kernels only look them up."""
+    kmax, r = COUNTER_LEVELS[counter_bytes]
+    k = torch.arange(kmax + 1, dtype=torch.float64)
+    count = torch.expm1(k * math.log(2.0) / r) / math.expm1(math.log(2.0) / r)
+    thr = torch.ceil(torch.exp2(24.0 - k / r))
+    thr[-1] = 0                                   # saturated: never raised again
+    return count.float().to(device), thr.to(torch.int32).to(device)
+
+
+def update_compact_counter(cfg: RuleConfig, level: Tensor, rows: Tensor, step: int,
+                           tables: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+    """Rows touched at ``step``: (new level, estimated count). ``rows`` are table-global row indices."""
+    count, thr = tables if tables is not None else counter_tables(cfg.counter_bytes, level.device)
+    k = level.long()
+    raise_ = (counter_hash(rows.long(), step) >> 8) < thr.long().index_select(0, k)
+    k = k + raise_.long()
+    return k.to(level.dtype), count.index_select(0, k)
 
 
 def update_counter(cfg: RuleConfig, counter: Tensor, last_step: Optional[Tensor], step: int
@@ -236,11 +296,15 @@ class StepResult:
 
 def apply_step(cfg: RuleConfig, rows: Tensor, g: Tensor, state: Dict[str, Tensor], step: int,
                h: Optional[Tensor] = None, has_h: Optional[Tensor] = None,
-               loss: Optional[float] = None, table_state: Optional[Dict[str, Tensor]] = None) -> StepResult:
+               loss: Optional[float] = None, table_state: Optional[Dict[str, Tensor]] = None,
+               row_ids: Optional[Tensor] = None,
+               counter_tabs: Optional[Tuple[Tensor, Tensor]] = None) -> StepResult:
     """One optimizer step for the n unique rows touched at global `step` (>= 1), all of one table.
 
     Without lexico the direction is g (+ h when a transfer stream exists: plain "+T" sum).
     ``table_state`` (0-d float64 ``ub_sum`` / ``ub_count``) is required with ub_mode="table".
+    ``row_ids`` (the rows' table-global indices) is required with compact counters (their hash);
+    ``counter_tabs`` caches ``counter_tables``.
     """
     lam = None
     if cfg.lexico:
@@ -259,20 +323,28 @@ def apply_step(cfg: RuleConfig, rows: Tensor, g: Tensor, state: Dict[str, Tensor
         ub, new_table = table_ub_update(cfg, table_state, d)
         if cfg.ub_row_floor:
             ub = torch.maximum(ub, d.double().square().mean(1))
-    eta = _step_size(cfg, new_state, d, step, ub)
+    eta = _step_size(cfg, new_state, d, step, ub, row_ids, counter_tabs)
     return StepResult(rows=rows - eta.unsqueeze(1).to(rows.dtype) * d.to(rows.dtype),
                       state=new_state, eta=eta, lam=lam, table_state=new_table)
 
 
-def _step_size(cfg: RuleConfig, state: Dict[str, Tensor], d: Tensor, step: int, ub: Optional[Tensor] = None) -> Tensor:
+def _step_size(cfg: RuleConfig, state: Dict[str, Tensor], d: Tensor, step: int, ub: Optional[Tensor] = None,
+               row_ids: Optional[Tensor] = None, counter_tabs: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """Updates `state` (a fresh dict) in place of its entries and returns eta [n]."""
     if cfg.step_rule == "rowwise_adagrad":
         state["adagrad_sum"], eta = adagrad_update(cfg, state["adagrad_sum"], d)
         return eta
-    state["counter"], last = update_counter(cfg, state["counter"], state.get("last_step"), step)
-    if last is not None:
-        state["last_step"] = last
-    eta = cfsgd_lr(cfg, state["counter"], step, None if ub is None else ub.to(state["counter"].dtype))
+    if cfg.compact_counter:
+        if row_ids is None:
+            raise ValueError("counter_bytes 2 or 1 needs the rows' table-global indices (row_ids)")
+        state["counter"], c = update_compact_counter(cfg, state["counter"], row_ids, step, counter_tabs)
+        c = c.to(d.dtype if d.is_floating_point() else torch.float32)
+    else:
+        state["counter"], last = update_counter(cfg, state["counter"], state.get("last_step"), step)
+        if last is not None:
+            state["last_step"] = last
+        c = state["counter"]
+    eta = cfsgd_lr(cfg, c, step, None if ub is None else ub.to(c.dtype))
     if cfg.warmup:
         # FBGEMM keeps the Adagrad sum current in every step, warm-up or not.
         state["adagrad_sum"], eta_ada = adagrad_update(cfg, state["adagrad_sum"], d)

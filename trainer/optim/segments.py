@@ -37,6 +37,8 @@ class FeatureMeta:
     w_off: Tensor       # [T] int64 first weight element of the table
     dim: Tensor         # [T] int64
     row_bounds: Tensor  # [T + 1] int64 row_off and the total row count
+    # [T] int64 the table's first row in the whole table (row_wise shard offset; compact counters); None: 0
+    row_base: Optional[Tensor] = None
 
 
 def sort_lookups(indices: Tensor, offsets: Tensor, psw: Optional[Tensor], grad: Tensor, meta: FeatureMeta,

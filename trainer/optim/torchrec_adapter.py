@@ -73,7 +73,8 @@ class TailrecEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOptimizerM
             raise ValueError(f"pooling {self._pooling} not supported by the tailrec kernel")
         real = device if device is not None and device.type != "meta" else None
         self._emb_module = TailrecTBE(self._local_rows, self._local_cols, self._feature_table_map,
-                                      shadow, rule, pooling=pooling, device=real)
+                                      shadow, rule, pooling=pooling, device=real,
+                                      row_base=[_shard_offsets(t)[0] for t in config.embedding_tables])
         self._optim = EmbeddingFusedOptimizer(config, self._emb_module, pg)
         self.init_parameters()
         self._param_per_table = dict(self._gen_params_by_table())
@@ -215,7 +216,8 @@ def kernel_stats(dmp: nn.Module, quantiles: Tuple[float, ...] = (0.5, 0.9, 0.99)
                 continue
             d = out.setdefault(tc.name, {"rows_updated": 0.0})
             d["rows_updated"] += float(sel.sum())
-            _quant(d, "counter", getattr(tbe, "counter", None), rows[sel], quantiles)
+            if hasattr(tbe, "counter"):
+                _quant(d, "counter", tbe.counter_estimate(rows[sel]), None, quantiles)
             if st["lambda"] is not None:
                 lam = st["lambda"][upd][sel]
                 d["lambda_active_ratio"] = float((lam > 0).float().mean())
@@ -235,9 +237,14 @@ def _quant(d: Dict[str, float], name: str, src: Optional[torch.Tensor], idx: Opt
 
 
 # ------------------------------------------------------------------------------ per-table ub state
-def _shard_key(tc: Any) -> str:
+def _shard_offsets(tc: Any) -> List[int]:
+    """[first row, first column] of this rank's shard of the table ([0, 0] when not sharded)."""
     md = getattr(tc, "local_metadata", None)
-    off = list(md.shard_offsets) if md is not None else [0, 0]
+    return [int(v) for v in md.shard_offsets] if md is not None else [0, 0]
+
+
+def _shard_key(tc: Any) -> str:
+    off = _shard_offsets(tc)
     return f"{tc.name}@{off[0]},{off[1]}"
 
 

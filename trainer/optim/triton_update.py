@@ -65,6 +65,17 @@ def _gather_row(key_ptr, gaddr_ptr, wt_ptr, sh_ptr, grad_ptr, s, e, cols, cmask,
 
 
 @triton.jit
+def _counter_hash(row, step):
+    """rules.counter_hash on int64 values: every product stays below 2^63, so the bits match."""
+    x = ((row & 0xFFFFFFFF) * 0x27D4EB2D + (step & 0xFFFFFFFF)) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
 def _lexico(g, h, has_h, loss, alpha, lam_max, h_clip,
             HAS_LAM_MAX: tl.constexpr, H_CLIP: tl.constexpr, APPLY_ALL: tl.constexpr):
     """Item-wise barrier (rules.lexico_direction): returns (direction, lambda)."""
@@ -90,14 +101,14 @@ def _lexico(g, h, has_h, loss, alpha, lam_max, h_clip,
 @triton.jit
 def _update_rows_kernel(
         key_ptr, gaddr_ptr, wt_ptr, sh_ptr, tab_ptr, seg_ptr, nseg_ptr, grad_ptr,
-        row_off_ptr, w_off_ptr, dim_ptr,
+        row_off_ptr, w_off_ptr, dim_ptr, row_base_ptr, ctab_ptr, cthr_ptr,
         w_ptr, cnt_ptr, last_ptr, ada_ptr, ub_ptr, x_ptr, step_ptr, loss_ptr, loss_scale,
         out_key_ptr, out_lam_ptr, out_upd_ptr,
         lr, eps, halflife, ub, horizon, lr_max, alpha, lam_max, h_clip, adj_iter,
         ADAGRAD: tl.constexpr, HL_MODE: tl.constexpr, PAPER: tl.constexpr, HAS_LR_MAX: tl.constexpr,
         WARMUP: tl.constexpr, LEXICO: tl.constexpr, HAS_LAM_MAX: tl.constexpr, H_CLIP: tl.constexpr,
         APPLY_ALL: tl.constexpr, TABLE_UB: tl.constexpr, UB_ROW_FLOOR: tl.constexpr, STATS: tl.constexpr,
-        HAS_SHADOW: tl.constexpr,
+        HAS_SHADOW: tl.constexpr, COUNTER_BYTES: tl.constexpr,
         ROWS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     n_rows = tl.load(nseg_ptr)
@@ -140,17 +151,26 @@ def _update_rows_kernel(
                         tl.store(ada_ptr + key, ssum)
                         eta = lr / (tl.sqrt_rn(ssum) + eps)
                     else:
-                        c = tl.load(cnt_ptr + key)
-                        if HL_MODE == 0:
-                            c = c + 1.0
-                        elif HL_MODE == 1:
-                            c = c * 0.0 + 1.0
+                        if COUNTER_BYTES != 4:
+                            # approximate counter: raise the level k with probability b^-k (rules.py)
+                            lv = tl.load(cnt_ptr + key).to(tl.int32)
+                            grow = key - tl.load(row_off_ptr + t) + tl.load(row_base_ptr + t)
+                            coin = (_counter_hash(grow, step) >> 8) < tl.load(cthr_ptr + lv).to(tl.int64)
+                            lv = lv + coin.to(tl.int32)
+                            tl.store(cnt_ptr + key, lv.to(cnt_ptr.dtype.element_ty))
+                            c = tl.load(ctab_ptr + lv)
                         else:
-                            last = tl.load(last_ptr + key)
-                            delta = tl.where(last > 0, step - last.to(tl.int64), 1)
-                            c = 1.0 + tl.exp2(-delta.to(tl.float32) / halflife) * c
-                            tl.store(last_ptr + key, step.to(tl.int32))
-                        tl.store(cnt_ptr + key, c)
+                            c = tl.load(cnt_ptr + key)
+                            if HL_MODE == 0:
+                                c = c + 1.0
+                            elif HL_MODE == 1:
+                                c = c * 0.0 + 1.0
+                            else:
+                                last = tl.load(last_ptr + key)
+                                delta = tl.where(last > 0, step - last.to(tl.int64), 1)
+                                c = 1.0 + tl.exp2(-delta.to(tl.float32) / halflife) * c
+                                tl.store(last_ptr + key, step.to(tl.int32))
+                            tl.store(cnt_ptr + key, c)
                         scale = ub
                         if TABLE_UB:
                             scale = tl.load(ub_ptr + t)   # the table's ub of this step (between the passes)
@@ -174,7 +194,8 @@ def _update_rows_kernel(
 
 def update(seg: Segments, grad: Tensor, meta: FeatureMeta, max_dim: int, weights: Tensor, state: Dict[str, Tensor],
            ub_stat: Tensor, step: Tensor, loss: Optional[Tensor], loss_scale: float, cfg: RuleConfig,
-           has_shadow: bool, rows_per_prog: int = 4, block_l: int = 32) -> Tuple[Tensor, Tensor, Tensor]:
+           has_shadow: bool, rows_per_prog: int = 4, block_l: int = 32,
+           counter_tabs: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Apply one step in place; returns (keys, lambda, updated), n slots each (past U: -1, 0, False).
     ub_mode="table" takes two launches: the first only measures each row's mean_d(d^2), the table
     means join `ub_stat` (torch ops on the device), the second applies the steps with them."""
@@ -186,8 +207,12 @@ def update(seg: Segments, grad: Tensor, meta: FeatureMeta, max_dim: int, weights
         return out_key, out_lam, out_upd.bool()
     scalars, switches = launch_params(cfg)
     empty_f = weights.new_empty(0)
+    row_base = meta.row_base if meta.row_base is not None else torch.zeros_like(meta.row_off)
+    ctab, cthr = counter_tabs if counter_tabs is not None else (empty_f, torch.empty(0, dtype=torch.int32, device=dev))
+    if cfg.compact_counter and not ctab.numel():
+        raise ValueError("counter_bytes 2 or 1: pass counter_tabs (rules.counter_tables)")
     args = (seg.key, seg.gaddr, seg.weight, seg.shadow, seg.table, seg.seg_start, seg.num_rows, grad,
-            meta.row_off, meta.w_off, meta.dim, weights, state.get("counter", empty_f),
+            meta.row_off, meta.w_off, meta.dim, row_base, ctab, cthr, weights, state.get("counter", empty_f),
             state.get("last_step", torch.empty(0, dtype=torch.int32, device=dev)), state.get("adagrad_sum", empty_f))
     tail = (step, loss if loss is not None else empty_f, float(loss_scale), out_key, out_lam, out_upd)
     geometric = bool(switches.pop("UB_GEOMETRIC"))      # used by _table_ub (torch ops), not inside the kernel

@@ -34,6 +34,7 @@ struct Hyper {
   bool table_ub;  // ub = ub x the table's running mean of mean_d(d^2) (rules.table_ub_update)
   bool ub_geometric;  // x_t: geometric mean over the rows with d != 0 (ub_rows="geometric")
   bool ub_row_floor;  // per row: ub >= the row's own mean_d(d^2) of this step
+  int64_t counter_bytes;  // 4: float32 count; 2 / 1: approximate counter level (int16 / uint8)
   int64_t step;  // global step (already advanced for this backward)
   double loss;   // main loss x scale (lexico only)
 };
@@ -150,22 +151,54 @@ __attribute__((always_inline)) inline float mean_sq(const float* __restrict__ d,
   return dot<DT>(d, d, Drt) / (float)(DT > 0 ? DT : Drt);
 }
 
+// rules.counter_hash: 32-bit hash of (table-global row, step), the compact counter's coin
+inline uint32_t counter_hash(int64_t row, int64_t step) {
+  uint32_t x = (uint32_t)row * 0x27D4EB2Du + (uint32_t)step;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x2C1B3C6Du;
+  return x ^ (x >> 16);
+}
+
+struct Inputs {
+  const int64_t* idx; const int64_t* off; const float* pw; const float* G; int64_t ldg, B;
+  const int64_t* fc; const bool* fs; bool mean_pool; int64_t n_idx;
+  int32_t* slot; float* W; float* cnt; int32_t* last; float* ada;
+  double* ub_stat;  // [table][2]: running sum of x_t and count of steps (table_ub only)
+  int16_t* cnt16; uint8_t* cnt8;  // compact counters' levels (counter_bytes 2 / 1)
+  const float* ctab; const int32_t* cthr;  // per level: estimated count, raise threshold (rules.counter_tables)
+  const int64_t* row_base;  // per table: its first row in the whole table (row_wise shard offset)
+};
+
 template <int DT>
-__attribute__((always_inline)) inline float step_size(const Hyper& hp, double ub_base, int64_t key, const float* d, int64_t D,
-                       float* counter, int32_t* last, float* ada) {
+__attribute__((always_inline)) inline float step_size(const Hyper& hp, double ub_base, int64_t key, int64_t grow,
+                                                      const float* d, int64_t D, const Inputs& in) {
+  float* ada = in.ada;
   if (hp.adagrad) {
     ada[key] += mean_sq<DT>(d, D);
     return (float)hp.lr / (std::sqrt(ada[key]) + (float)hp.eps);
   }
-  float c = counter[key];
-  if (hp.hl_mode == 0) c += 1.f;
-  else if (hp.hl_mode == 1) c = 1.f;
-  else {
-    int64_t delta = last[key] > 0 ? hp.step - last[key] : 1;
-    c = 1.f + std::exp2(-(float)delta / (float)hp.halflife) * c;
-    last[key] = (int32_t)hp.step;
+  float c;
+  if (hp.counter_bytes != 4) {  // approximate counter: raise the level with probability b^-k
+    int32_t k = hp.counter_bytes == 2 ? (int32_t)in.cnt16[key] : (int32_t)in.cnt8[key];
+    if ((int32_t)(counter_hash(grow, hp.step) >> 8) < in.cthr[k]) ++k;
+    if (hp.counter_bytes == 2) in.cnt16[key] = (int16_t)k;
+    else in.cnt8[key] = (uint8_t)k;
+    c = in.ctab[k];
+  } else {
+    float* counter = in.cnt;
+    int32_t* last = in.last;
+    c = counter[key];
+    if (hp.hl_mode == 0) c += 1.f;
+    else if (hp.hl_mode == 1) c = 1.f;
+    else {
+      int64_t delta = last[key] > 0 ? hp.step - last[key] : 1;
+      c = 1.f + std::exp2(-(float)delta / (float)hp.halflife) * c;
+      last[key] = (int32_t)hp.step;
+    }
+    counter[key] = c;
   }
-  counter[key] = c;
   // paper form: ub -> ub * T / t (c T / t = T / p_hat), rules.cfsgd_lr
   const double ub = hp.paper ? ub_base * (hp.horizon / (double)std::max<int64_t>(hp.step, 1)) : ub_base;
   float eta = (float)hp.lr / (std::sqrt((float)ub * c) + (float)hp.eps);
@@ -176,13 +209,6 @@ __attribute__((always_inline)) inline float step_size(const Hyper& hp, double ub
   }
   return eta;
 }
-
-struct Inputs {
-  const int64_t* idx; const int64_t* off; const float* pw; const float* G; int64_t ldg, B;
-  const int64_t* fc; const bool* fs; bool mean_pool; int64_t n_idx;
-  int32_t* slot; float* W; float* cnt; int32_t* last; float* ada;
-  double* ub_stat;  // [table][2]: running sum of x_t and count of steps (table_ub only)
-};
 
 struct TableOut {
   std::vector<int64_t> keys;  // global keys (row offset of the table + local row), row order
@@ -338,7 +364,7 @@ __attribute__((always_inline)) inline void run_table(const Hyper& hp, const Inpu
     const float* h = hslot[u] >= 0 ? hacc + (int64_t)hslot[u] * D : nullptr;
     if (!hp.table_ub) lamo[j] = direction<DT>(hp, g, h, h != nullptr, D);
     const double ub_row = hp.ub_row_floor ? std::max(ub, (double)mean_sq<DT>(g, D)) : ub;
-    const float eta = step_size<DT>(hp, ub_row, rof + r, g, D, in.cnt, in.last, in.ada);
+    const float eta = step_size<DT>(hp, ub_row, rof + r, in.row_base[t] + r, g, D, in);
     float* __restrict__ w = W + r * D;
     axpy<DT>(w, -eta, g, D);
     updo[j] = 1;
@@ -370,17 +396,28 @@ std::vector<torch::Tensor> tailrec_update(
     torch::Tensor feat_table, torch::Tensor feat_shadow, torch::Tensor feat_col,
     torch::Tensor tab_row_off, torch::Tensor tab_w_off, torch::Tensor tab_dim,
     torch::Tensor slot, torch::Tensor weights, torch::Tensor counter, torch::Tensor last_step,
-    torch::Tensor ada, torch::Tensor ub_stat, torch::Tensor step, torch::Tensor loss, std::vector<double> hf,
-    std::vector<int64_t> hi) {
-  TORCH_CHECK(hf.size() == 11 && hi.size() == 13, "tailrec_update: hyper-parameter lists do not match the op");
+    torch::Tensor ada, torch::Tensor ub_stat, torch::Tensor step, torch::Tensor loss, torch::Tensor counter_count,
+    torch::Tensor counter_thr, torch::Tensor row_base, std::vector<double> hf, std::vector<int64_t> hi) {
+  TORCH_CHECK(hf.size() == 11 && hi.size() == 14, "tailrec_update: hyper-parameter lists do not match the op");
   // grad may be a column slice of a wider gradient (TorchRec splits one output among kernels): rows
   // are read through its row stride, so it is used in place
   TORCH_CHECK(grad.dim() == 2 && grad.stride(1) == 1, "tailrec_update: grad rows must be contiguous");
   Hyper hp{hf[0], hf[1], hf[2], hf[3], hf[4], hf[5], hf[6], hf[7], hf[8], (int64_t)hf[9],
            hi[0], hi[1], (bool)hi[2], (bool)hi[3], (bool)hi[4], (bool)hi[5], (bool)hi[6], (bool)hi[7], (bool)hi[8],
-           (bool)hi[9], (bool)hi[10], (bool)hi[11], step.data_ptr<int64_t>()[0], 0.0};
+           (bool)hi[9], (bool)hi[10], (bool)hi[11], hi[12], step.data_ptr<int64_t>()[0], 0.0};
   TORCH_CHECK(!hp.table_ub || (ub_stat.dtype() == torch::kFloat64 && ub_stat.numel() == 2 * tab_dim.size(0)),
               "tailrec kernel: ub_mode=table needs a float64 [tables, 2] ub_stat");
+  const int64_t T0 = tab_dim.size(0);
+  TORCH_CHECK(row_base.dtype() == torch::kInt64 && row_base.numel() == T0, "tailrec kernel: row_base needs one int64 per table");
+  const bool compact = hp.counter_bytes != 4 && !hp.adagrad;
+  if (compact) {
+    TORCH_CHECK(counter.dtype() == (hp.counter_bytes == 2 ? torch::kInt16 : torch::kUInt8) &&
+                counter_count.dtype() == torch::kFloat32 && counter_thr.dtype() == torch::kInt32 &&
+                counter_count.numel() == counter_thr.numel() && counter_count.numel() > 0,
+                "tailrec kernel: counter_bytes ", hp.counter_bytes, " needs its level dtype and level tables");
+  } else {
+    TORCH_CHECK(!counter.numel() || counter.dtype() == torch::kFloat32, "tailrec kernel: float32 counter expected");
+  }
   if (hp.lexico) {
     TORCH_CHECK(loss.numel() == 1, "tailrec_update: lexico needs the main loss tensor");
     hp.loss = (double)loss.data_ptr<float>()[0] * hf[10];
@@ -392,11 +429,16 @@ std::vector<torch::Tensor> tailrec_update(
   const int64_t* dim = tab_dim.data_ptr<int64_t>();
   Inputs in{indices.data_ptr<int64_t>(), off, psw.numel() ? psw.data_ptr<float>() : nullptr,
             grad.data_ptr<float>(), grad.stride(0), B, feat_col.data_ptr<int64_t>(),
-            feat_shadow.data_ptr<bool>(), hi[12] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
-            counter.numel() ? counter.data_ptr<float>() : nullptr,
+            feat_shadow.data_ptr<bool>(), hi[13] != 0, indices.size(0), slot.data_ptr<int32_t>(), weights.data_ptr<float>(),
+            counter.numel() && !compact ? counter.data_ptr<float>() : nullptr,
             last_step.numel() ? last_step.data_ptr<int32_t>() : nullptr,
             ada.numel() ? ada.data_ptr<float>() : nullptr,
-            ub_stat.numel() ? ub_stat.data_ptr<double>() : nullptr};
+            ub_stat.numel() ? ub_stat.data_ptr<double>() : nullptr,
+            compact && hp.counter_bytes == 2 ? counter.data_ptr<int16_t>() : nullptr,
+            compact && hp.counter_bytes == 1 ? counter.data_ptr<uint8_t>() : nullptr,
+            compact ? counter_count.data_ptr<float>() : nullptr,
+            compact ? counter_thr.data_ptr<int32_t>() : nullptr,
+            row_base.data_ptr<int64_t>()};
   std::vector<std::vector<int64_t>> feats(T);
   std::vector<int64_t> n_ids(T, 0);
   for (int64_t f = 0; f < F; ++f) {
