@@ -25,6 +25,8 @@ from torch import nn
 VARIANTS = {  # name -> (EmbOptimConfig kwargs, shadow features?, lexico on: None | "transfer" | "all")
     "cfsgd (ours)": (dict(name="cfsgd"), False, None),   # its default ub_mode="table"
     "cfsgd, ub_mode=fixed (ours)": (dict(name="cfsgd", ub_mode="fixed"), False, None),   # FBGEMM's fixed ub
+    "cfsgd, 2-byte counter (ours)": (dict(name="cfsgd", counter_bytes=2), False, None),   # approximate counters
+    "cfsgd, 1-byte counter (ours)": (dict(name="cfsgd", counter_bytes=1), False, None),
     "cfsgd + transfer, d = g + h (ours)": (dict(name="cfsgd"), True, None),
     "cfsgd + transfer + lexico (ours)": (dict(name="cfsgd"), True, "transfer"),
     "cfsgd + transfer + lexico on every table (ours)": (dict(name="cfsgd"), True, "all"),
