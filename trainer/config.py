@@ -70,7 +70,7 @@ class EmbOptimConfig:
     ub_row_floor: bool = True          # table ub: a row's ub is at least its own mean_d(d^2) of the step
     adjustment_iter: int = -1          # warm-up: rowwise Adagrad until this step (<=0: none)
     lr_max: float = math.inf           # cap on the per-row step size (cfsgd only)
-    counter_bytes: int = 4             # cfsgd per-row counter: 4 float32 count | 2, 1 approximate counter (ALGORITHMS §1)
+    counter_bytes: int = 4             # cfsgd row counter: 4 float32 count | 2, 1 approximate (docs/COMPACT_COUNTERS.md)
     # item-wise lexico (ours only; transfer.mode=lexico/both switch it on for the transfer tables)
     lexico: bool = False
     lexico_alpha: float = 2.0          # phi_i = alpha * min(||g_i||^2, loss_main)
