@@ -9,4 +9,6 @@ tailrec compare --config configs/movielens_deepfm.yaml --data runs/demo/dataset 
   --variant "select_w3_tf0.5: --transfer.mode=select --transfer.weight=3 --transfer.target_frac=0.5" \
   --variant "both_w1_tf0.5: --transfer.mode=both --transfer.lexico_weight=1 --transfer.target_frac=0.5" \
   --variant "both_tf0.5: --transfer.mode=both --transfer.target_frac=0.5" \
+  --variant "select_w3_tf0.5_eq0.8: --transfer.mode=select --transfer.weight=3 --transfer.target_frac=0.5 --transfer.eta_quantile=0.8" \
+  --variant "both_w1_tf0.5_eq0.8: --transfer.mode=both --transfer.lexico_weight=1 --transfer.target_frac=0.5 --transfer.eta_quantile=0.8" \
   --transfer.features=[movie_id] --transfer.eval_groups=runs/demo/raw/planted.json --train.epochs=4 "$@"

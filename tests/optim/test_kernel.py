@@ -220,3 +220,16 @@ def test_out_of_range_index_fails_clearly_and_leaves_kernel_usable():
     fresh.update(idx, off, None, grad)
     torch.testing.assert_close(tbe.weights, fresh.weights, rtol=0, atol=0)
     torch.testing.assert_close(tbe.counter, fresh.counter, rtol=0, atol=0)
+
+
+def test_counter_estimate_decodes_compact_levels():
+    """kernel_stats reports counts, not levels: a compact counter's level goes through its count table."""
+    cfg = CONFIGS["cfsgd_counter1_lexico_paper"]
+    tbe = build(cfg)
+    tbe.counter.copy_(torch.arange(tbe.counter.numel()) % 40)
+    keys = torch.tensor([0, 5, 39, 41])
+    want = rules.counter_tables(1)[0][torch.tensor([0, 5, 39, 1])]
+    torch.testing.assert_close(tbe.counter_estimate(keys), want)
+    plain = build(CONFIGS["cfsgd"])
+    plain.counter.fill_(7.0)
+    assert plain.counter_estimate(keys).tolist() == [7.0] * 4
