@@ -13,9 +13,9 @@ Rules (docs/ALGORITHMS.md §1-3):
 * Compact counters (``counter_bytes`` 2 or 1, plain counting only): the row keeps a level k (int16 / uint8)
   of an approximate counter (Morris 1978) instead of a float32 count. Estimated count n(k) = (b^k - 1)/(b - 1)
   with b = 2^(1/R), R = 1024 (2 bytes: relative std ~1.8%, range ~6e12) or 8 (1 byte: ~21%, ~4e10); a touch
-  raises k by one with probability b^-k, decided by a uniform u = counter_uniform(row, step), a fixed hash of
-  the table-global row and the step (the same under every sharding, reproducible in every backend), so
-  E[n(k)] is the exact count. c = n(k) then enters the step size as the count does.
+  raises k by one with probability b^-k, decided by u = (counter_hash(row, step) >> 8) / 2^24, a fixed hash
+  of the table-global row and the step (the same under every sharding, reproducible in every backend), so
+  E[n(k)] is the exact count. c = n(k) then enters the step size as the count does (docs/COMPACT_COUNTERS.md).
 * CF-SGD step size, two forms (``counter_form``):
   - "fbgemm": eta = min(lr_max, lr / (sqrt(ub * c) + eps)), FBGEMM's COUNTER_SGD (the ``+ eps``
     placement is FBGEMM's, kept so our kernel matches it step for step, tested). With c ~ p t it
