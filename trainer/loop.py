@@ -173,15 +173,6 @@ class Trainer:
             st["transfer"] = self.transfer.app_state()   # FRAGE discriminators
         return st
 
-    def _gather_ub_state(self) -> dict:
-        """Every rank's per-shard ub estimates (a few floats per shard), merged: collective."""
-        local = ub_state(self.dmp)
-        if self.env.world_size == 1:
-            return local
-        parts: list = [None] * self.env.world_size
-        dist.all_gather_object(parts, local)
-        return {k: v for part in parts for k, v in part.items()}
-
     def _sync_replicated_buffers(self) -> None:
         """BatchNorm running stats are per rank (DMP wraps DDP with broadcast_buffers=False) and DCP
         saves one replica's copy, not necessarily rank 0's. Before eval and checkpoints every rank takes
@@ -199,7 +190,7 @@ class Trainer:
         meta = asdict(self.state) | {"world_size": self.env.world_size, "config": config_base.to_dict(self.cfg)}
         if self.transfer:   # transfer statistics since the last evaluation, so a resume reports the same means
             meta["transfer_stats"] = self.transfer.fold_for_checkpoint(self.env.rank)
-        meta["ub_state"] = self._gather_ub_state()   # cfsgd's per-table estimates, by shard (resharding-safe)
+        meta["ub_state"] = ub_state(self.dmp)   # cfsgd's per-table estimates, by shard (resharding-safe; collective)
         dur = self.checkpointer.save(self.state.step, self._app_state(), meta)
         self.heartbeat.beat(f"checkpoint {self.state.step}")
         if self.metrics:

@@ -391,9 +391,7 @@ def snapshot(dmp, tables) -> Dict[str, list]:
     for k in tailrec_kernels_of(dmp):                   # our kernels' step (set_optimizer_step after a load)
         for tc in k.config.embedding_tables:
             out[f"step_{tc.name}"] = [int(k.emb_module.step)]
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, ub_state(dmp))        # the per-shard ub estimates (trainer checkpoint metadata)
-    out["ub_state"] = {k: v for p in parts for k, v in sorted(p.items())}
+    out["ub_state"] = ub_state(dmp)    # every rank's per-shard ub estimates (trainer checkpoint metadata)
     return out
 
 

@@ -207,7 +207,7 @@ def update_compact_counter(cfg: RuleConfig, level: Tensor, rows: Tensor, step: i
     """Rows touched at ``step``: (new level, estimated count). ``rows`` are table-global row indices."""
     count, thr = tables if tables is not None else counter_tables(cfg.counter_bytes, level.device)
     k = level.long()
-    raise_ = (counter_hash(rows.long(), step) >> 8) < thr.long().index_select(0, k)
+    raise_ = (counter_hash(rows.long(), step) >> 8) < thr.index_select(0, k).long()
     k = k + raise_.long()
     return k.to(level.dtype), count.index_select(0, k)
 

@@ -249,14 +249,19 @@ def _shard_key(tc: Any) -> str:
 
 
 def ub_state(dmp: nn.Module) -> Dict[str, List[float]]:
-    """This rank's ub_mode="table" estimates: ``{"<table>@<row>,<col>": [sum, count]}``, one entry per local
-    table shard (a shard keeps its own estimate over the rows and columns it holds)."""
+    """The ub_mode="table" estimates of every rank: ``{"<table>@<row>,<col>": [sum, count]}``, one entry per
+    table shard (a shard keeps its own estimate over the rows and columns it holds). Collective when the
+    process group has more than one rank (a few floats per shard are gathered)."""
     out: Dict[str, List[float]] = {}
     for k in tailrec_kernels_of(dmp):
         tbe = k.emb_module
         if tbe.ub_stat.numel():
             for t, tc in enumerate(k.config.embedding_tables):
                 out[_shard_key(tc)] = [float(v) for v in tbe.ub_stat[t].tolist()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, out)
+        out = {key: v for part in parts for key, v in part.items()}
     return out
 
 

@@ -407,8 +407,8 @@ std::vector<torch::Tensor> tailrec_update(
            (bool)hi[9], (bool)hi[10], (bool)hi[11], hi[12], step.data_ptr<int64_t>()[0], 0.0};
   TORCH_CHECK(!hp.table_ub || (ub_stat.dtype() == torch::kFloat64 && ub_stat.numel() == 2 * tab_dim.size(0)),
               "tailrec kernel: ub_mode=table needs a float64 [tables, 2] ub_stat");
-  const int64_t T0 = tab_dim.size(0);
-  TORCH_CHECK(row_base.dtype() == torch::kInt64 && row_base.numel() == T0, "tailrec kernel: row_base needs one int64 per table");
+  const int64_t T = tab_dim.size(0);
+  TORCH_CHECK(row_base.dtype() == torch::kInt64 && row_base.numel() == T, "tailrec kernel: row_base needs one int64 per table");
   const bool compact = hp.counter_bytes != 4 && !hp.adagrad;
   if (compact) {
     TORCH_CHECK(counter.dtype() == (hp.counter_bytes == 2 ? torch::kInt16 : torch::kUInt8) &&
@@ -423,7 +423,6 @@ std::vector<torch::Tensor> tailrec_update(
     hp.loss = (double)loss.data_ptr<float>()[0] * hf[10];
   }
   const int64_t F = feat_table.size(0), nb = offsets.size(0) - 1, B = F ? nb / F : 0;
-  const int64_t T = tab_dim.size(0);
   const int64_t *ft = feat_table.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
   const int64_t *rof = tab_row_off.data_ptr<int64_t>(), *wof = tab_w_off.data_ptr<int64_t>();
   const int64_t* dim = tab_dim.data_ptr<int64_t>();
